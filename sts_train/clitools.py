@@ -1,0 +1,39 @@
+"""Shared CLI plumbing: map user errors to one line and exit code 2."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+
+import typer
+
+from sts_train.errors import StsError
+
+EXIT_USER_ERROR = 2
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn an :class:`StsError` (and a missing file) into ``error: <msg>`` on stderr, exit 2."""
+    try:
+        yield
+    except StsError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_USER_ERROR) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        raise typer.Exit(130) from None
+
+
+def is_rank_zero() -> bool:
+    """True on the process that writes files (rank 0, or no distributed launcher)."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+def echo(msg: str) -> None:
+    """Print a progress line on rank 0 only, flushed (long jobs are watched live)."""
+    if is_rank_zero():
+        print(msg, file=sys.stderr, flush=True)

@@ -1,0 +1,164 @@
+"""Strict mapping -> frozen dataclass conversion, shared by every config in the toolkit.
+
+YAML maps onto dataclasses key for key: unknown keys, wrong types and missing required keys
+are errors that name the key path and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from sts_train.errors import StsError
+
+T = TypeVar("T")
+
+
+def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
+    """Check ``value`` against a simple annotation; returns (ok, converted value)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            ok, conv = _type_ok(value, arg)
+            if ok:
+                return True, conv
+        return False, value
+    if tp is type(None):
+        return value is None, value
+    if tp is Any:
+        return True, value
+    if tp is float:
+        if isinstance(value, bool):
+            return False, value
+        if isinstance(value, (int, float)):
+            return True, float(value)
+        if isinstance(value, str):  # YAML reads 1e-3 as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
+        return False, value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is str:
+        return isinstance(value, str), value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        (item_tp, *_rest) = typing.get_args(tp)
+        out = []
+        for item in value:
+            ok, conv = _type_ok(item, item_tp)
+            if not ok:
+                return False, value
+            out.append(conv)
+        return True, tuple(out)
+    if origin is dict or tp is dict:
+        return isinstance(value, dict), value
+    return isinstance(value, tp) if isinstance(tp, type) else True, value
+
+
+def _type_name(tp: Any) -> str:
+    return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def from_mapping(cls: type[T], data: Any, where: str) -> T:
+    """Build dataclass ``cls`` from a mapping, recursing into nested dataclass fields.
+
+    Raises:
+        StsError: not a mapping, unknown key, wrong type, missing required key.
+    """
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise StsError(f"{where} must be a mapping of keys to values, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise StsError(
+            f"{where}.{unknown[0]}: unknown key; allowed keys: {', '.join(fields)}"
+        )
+    kwargs = {}
+    for name, field in fields.items():
+        key = f"{where}.{name}"
+        tp = hints[name]
+        if name not in data:
+            if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+                raise StsError(f"{key}: required key is missing; add it")
+            continue
+        value = data[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = from_mapping(tp, value, key)
+            continue
+        args = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+        if args and value is not None:
+            kwargs[name] = from_mapping(args[0], value, key)
+            continue
+        ok, conv = _type_ok(value, tp)
+        if not ok:
+            raise StsError(f"{key} = {value!r} has the wrong type; expected {_type_name(tp)}")
+        kwargs[name] = conv
+    try:
+        return cls(**kwargs)
+    except StsError as exc:
+        msg = str(exc)
+        raise StsError(msg if msg.startswith(where) else f"{where}: {msg}") from None
+
+
+def to_mapping(obj: Any) -> Any:
+    """Dataclass (nested) -> plain dicts/lists for YAML/JSON."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_mapping(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_mapping(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_mapping(v) for k, v in obj.items()}
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def read_yaml(path: str | Path, what: str) -> Any:
+    """Read a YAML file; missing file or broken YAML -> one-line :class:`StsError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise StsError(f"{path}: no such {what} file; check the path")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise StsError(f"{path}: not valid YAML{where}; fix the file") from None
+
+
+def atomic_write_text(path: str | Path, text: str, overwrite: bool = True) -> Path:
+    """Write ``text`` to ``path`` through a temp file in the same folder and a rename."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise StsError(f"{path}: file exists; choose another path or pass --overwrite")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def dump_yaml(data: Any, path: str | Path, overwrite: bool = True) -> Path:
+    """Atomically write ``data`` (dataclass or mapping) as YAML, keys in declaration order."""
+    text = yaml.safe_dump(to_mapping(data), sort_keys=False, default_flow_style=None)
+    return atomic_write_text(path, text, overwrite=overwrite)

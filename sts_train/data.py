@@ -1,0 +1,334 @@
+"""Read LLaVA-format JSON data into token ids, labels and pixel values.
+
+The data format (LLaVA-1.5 ``llava_v1_5_mix665k.json`` and friends)::
+
+    [{"id": "0001", "image": "coco/0001.jpg",
+      "conversations": [{"from": "human", "value": "<image>\\nWhat is this?"},
+                        {"from": "gpt", "value": "A cat."}]}]
+
+Rules the reader enforces (:func:`load_llava_json`), all checked for every entry before any
+training starts:
+
+- turns alternate ``human``, ``gpt``, ``human``, ... starting with ``human`` and ending with
+  ``gpt``; a ``system`` turn is rejected (fold it into the first human turn), because dropping it
+  silently would change what the model is trained on;
+- a sample has at most one image and then exactly one ``<image>`` placeholder, in a human turn;
+  LLaVA convention: when an image is given and no ``<image>`` appears, ``"<image>\\n"`` is
+  prepended to the first human turn;
+- ``<image>`` without an ``image`` key is an error; so is a missing image file.
+
+Prompt format (the factory chat template, LLaVA "v1" without a system prompt)::
+
+    <s>USER: {human} ASSISTANT: {gpt}</s>USER: {human} ASSISTANT: {gpt}</s>
+
+Supervised tokens (labels != -100) are exactly those of ``" " + gpt_value`` followed by the EOS
+id in each assistant turn; ``<s>``, ``USER: ...``, ``ASSISTANT:`` and the image tokens are
+masked with -100.
+
+Try it::
+
+    python -c "from sts_train.shapes import generate_shapes; generate_shapes('runs/shapes')"
+    python -c "from sts_train.data import load_llava_json as f; print(f('runs/shapes/alignment.json'))"
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sts_train.errors import DataError
+
+IMAGE_PLACEHOLDER = "<image>"
+IGNORE_INDEX = -100
+ROLES = ("human", "gpt")
+
+
+def _where(json_path: Path, index: int, sample_id: object) -> str:
+    return f"{json_path}: entry {index} (id {sample_id!r})"
+
+
+def _check_entry(entry: object, index: int, json_path: Path) -> dict:
+    """Validate one entry's structure and return a normalized copy (image placeholder added)."""
+    if not isinstance(entry, dict):
+        raise DataError(f"{json_path}: entry {index} is a {type(entry).__name__}, not an object; "
+                        'each entry must look like {"id": ..., "conversations": [...]}')
+    sample_id = str(entry.get("id", index))
+    where = _where(json_path, index, sample_id)
+    turns = entry.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: 'conversations' is missing or empty; "
+                        "give a list of human/gpt turns")
+    normalized = []
+    for t, turn in enumerate(turns):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            raise DataError(f"{where}: turn {t} must be an object with a string 'value'")
+        role, expected = turn.get("from"), ROLES[t % 2]
+        if role == "system":
+            raise DataError(f"{where}: turn {t} is a 'system' turn, which is not supported; "
+                            "fold it into the first human turn")
+        if role != expected:
+            raise DataError(f"{where}: turn {t} is from {role!r} but must be from {expected!r}; "
+                            "turns alternate human, gpt, ... starting with human")
+        if role == "gpt" and IMAGE_PLACEHOLDER in turn["value"]:
+            raise DataError(f"{where}: turn {t} (gpt) contains {IMAGE_PLACEHOLDER}; "
+                            "the placeholder belongs in a human turn")
+        normalized.append({"from": role, "value": turn["value"]})
+    if normalized[-1]["from"] != "gpt":
+        raise DataError(f"{where}: the last turn is from 'human'; "
+                        "end with a gpt answer (there is nothing to train on otherwise)")
+
+    n_placeholders = sum(turn["value"].count(IMAGE_PLACEHOLDER) for turn in normalized)
+    image = entry.get("image")
+    if image is None:
+        if n_placeholders:
+            raise DataError(f"{where}: the text has {IMAGE_PLACEHOLDER} but there is no 'image'; "
+                            "add the image path or remove the placeholder")
+    elif not isinstance(image, str) or not image:
+        raise DataError(f"{where}: 'image' must be one relative path string, got {image!r}")
+    elif n_placeholders > 1:
+        raise DataError(f"{where}: the text has {n_placeholders} {IMAGE_PLACEHOLDER} placeholders "
+                        "for one image; keep exactly one")
+    elif n_placeholders == 0:
+        normalized[0]["value"] = IMAGE_PLACEHOLDER + "\n" + normalized[0]["value"]
+    sample = {k: v for k, v in entry.items() if k not in ("id", "conversations", "image")}
+    sample["id"] = sample_id
+    if image is not None:
+        sample["image"] = image
+    sample["conversations"] = normalized
+    return sample
+
+
+def load_llava_json(json_path: str | Path, image_folder: str | Path | None = None) -> list[dict]:
+    """Read and validate a LLaVA-format JSON file; check that every image file exists.
+
+    Args:
+        json_path: the JSON file (a list of samples).
+        image_folder: folder the ``image`` paths are relative to; default: the JSON's folder.
+
+    Returns:
+        Normalized copies of the samples: ``id`` as a string (the entry index when absent),
+        ``conversations`` as ``{"from", "value"}`` turns with the ``<image>`` placeholder added
+        where LLaVA convention implies it, ``image`` only when present; other keys are kept.
+
+    Raises:
+        DataError: missing file, invalid JSON (line and column), not a non-empty list, a bad
+            entry (the message names its index and id and the fix), or missing image files
+            (the first one is named, with the count of all missing ones).
+    """
+    json_path = Path(json_path)
+    folder = Path(image_folder) if image_folder is not None else json_path.parent
+    if not json_path.is_file():
+        raise DataError(f"{json_path}: file not found; check the data path")
+    try:
+        entries = json.loads(json_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{json_path}: invalid JSON at line {exc.lineno} column {exc.colno} "
+                        f"({exc.msg}); fix the file") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{json_path}: not UTF-8 text; save the file as UTF-8 JSON") from None
+    if not isinstance(entries, list) or not entries:
+        got = f"a {type(entries).__name__}" if not isinstance(entries, list) else "an empty list"
+        raise DataError(f"{json_path}: expected a non-empty JSON list of samples, got {got}")
+    samples = [_check_entry(entry, i, json_path) for i, entry in enumerate(entries)]
+    if image_folder is not None and not folder.is_dir():
+        raise DataError(f"{json_path}: image folder {folder} does not exist; fix image_folder")
+    missing = [(i, s) for i, s in enumerate(samples)
+               if "image" in s and not (folder / s["image"]).is_file()]
+    if missing:
+        i, s = missing[0]
+        raise DataError(f"{_where(json_path, i, s['id'])}: image {s['image']!r} not found in "
+                        f"image folder {folder} ({len(missing)} of {len(samples)} samples have a "
+                        "missing image); fix image_folder or the paths")
+    return samples
+
+
+def render_conversation(conversations: list[dict], *, bos: str = "<s>", eos: str = "</s>") -> str:
+    """The prompt text of a conversation, with ``<image>`` not yet expanded.
+
+    A conversation that ends with a human turn renders as a generation prompt ending in
+    ``"ASSISTANT:"``.
+    """
+    parts = [bos]
+    for turn in conversations:
+        if turn["from"] == "human":
+            parts.append(f"USER: {turn['value']} ASSISTANT:")
+        else:
+            parts.append(f" {turn['value']}{eos}")
+    return "".join(parts)
+
+
+def encode_conversation(conversations: list[dict], tokenizer, *, num_image_tokens: int,
+                        image_token_id: int) -> dict[str, list[int]]:
+    """Token ids and labels of a conversation in the prompt format of this module.
+
+    Pieces are tokenized separately and concatenated so label boundaries are exact. Cuts fall
+    only where a byte-level BPE tokenizer splits anyway (special tokens, and before the space
+    that starts each answer), so the ids equal those of the whole rendered prompt (see
+    :func:`render_conversation`) with each ``<image>`` expanded to ``num_image_tokens`` ids.
+    A trailing human turn encodes as a generation prompt (ends with ``ASSISTANT:``).
+
+    Args:
+        conversations: validated ``{"from": "human"|"gpt", "value": str}`` turns.
+        tokenizer: HF tokenizer with ``eos_token_id`` (``bos_token_id`` is used when set).
+        num_image_tokens: ids each ``<image>`` placeholder expands to.
+        image_token_id: the id of the image placeholder token.
+
+    Returns:
+        ``{"input_ids": list[int], "labels": list[int]}`` of equal length; labels are
+        ``IGNORE_INDEX`` except on the tokens of ``" " + answer`` and the EOS id of each
+        assistant turn.
+
+    Raises:
+        DataError: a turn with an unknown role.
+    """
+    if tokenizer.eos_token_id is None:
+        raise DataError("the tokenizer has no EOS token; set tokenizer.eos_token")
+
+    def tokenize(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    input_ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    labels = [IGNORE_INDEX] * len(input_ids)
+    for t, turn in enumerate(conversations):
+        if turn["from"] == "human":
+            ids: list[int] = []
+            for k, text in enumerate(f"USER: {turn['value']} ASSISTANT:".split(IMAGE_PLACEHOLDER)):
+                ids += ([image_token_id] * num_image_tokens if k else []) + tokenize(text)
+            input_ids += ids
+            labels += [IGNORE_INDEX] * len(ids)
+        elif turn["from"] == "gpt":
+            ids = tokenize(" " + turn["value"]) + [tokenizer.eos_token_id]
+            input_ids += ids
+            labels += ids
+        else:
+            raise DataError(f"turn {t} is from {turn['from']!r}; use one of {', '.join(ROLES)}")
+    return {"input_ids": input_ids, "labels": labels}
+
+
+class LlavaDataset(torch.utils.data.Dataset):
+    """A LLaVA JSON file as training items, validated when built.
+
+    Items: ``input_ids``, ``labels``, ``attention_mask`` (1-D LongTensors), ``pixel_values``
+    (3xHxW float tensor, or None for a text-only sample) and ``id``.
+
+    Args:
+        json_path: the LLaVA JSON file.
+        image_folder: folder image paths are relative to (None: the JSON's folder).
+        processor: a ``LlavaProcessor`` (its ``tokenizer`` and ``image_processor`` are used).
+        num_image_tokens: ids each ``<image>`` expands to (the model's visual token count).
+        max_length: longest sequence; longer ones are cut from the end.
+
+    Raises:
+        DataError: see :func:`load_llava_json`; also when ``max_length`` would cut image
+            tokens of some sample (every sample is checked up front), or an image cannot be
+            decoded (when the item is read).
+    """
+
+    def __init__(self, json_path: str | Path, image_folder: str | Path | None, processor, *,
+                 num_image_tokens: int, max_length: int | None = None):
+        if not isinstance(num_image_tokens, int) or num_image_tokens < 1:
+            raise DataError(f"num_image_tokens={num_image_tokens!r}: must be an integer >= 1")
+        if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
+            raise DataError(f"max_length={max_length!r}: must be an integer >= 1 or None")
+        self.json_path = Path(json_path)
+        self.image_folder = self.json_path.parent if image_folder is None else Path(image_folder)
+        self.samples = load_llava_json(self.json_path, self.image_folder)
+        self.tokenizer = processor.tokenizer
+        self.image_processor = processor.image_processor
+        self.num_image_tokens = num_image_tokens
+        self.max_length = max_length
+        image_token_id = getattr(processor, "image_token_id", None)
+        if image_token_id is None:
+            image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+        if image_token_id is None or image_token_id == self.tokenizer.unk_token_id:
+            raise DataError(f"the tokenizer has no {IMAGE_PLACEHOLDER} token; "
+                            "use the processor saved with the model")
+        self.image_token_id = int(image_token_id)
+        if max_length is not None:
+            for index in range(len(self.samples)):
+                self._check_image_fits(index)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _encode(self, conversations: list[dict]) -> dict[str, list[int]]:
+        return encode_conversation(conversations, self.tokenizer,
+                                   image_token_id=self.image_token_id,
+                                   num_image_tokens=self.num_image_tokens)
+
+    def _check_image_fits(self, index: int) -> None:
+        """Raise if ``max_length`` cuts image tokens (encodes only up to the image's turn)."""
+        sample = self.samples[index]
+        if "image" not in sample:
+            return
+        turns = sample["conversations"]
+        last = max(t for t, turn in enumerate(turns) if IMAGE_PLACEHOLDER in turn["value"])
+        ids = self._encode(turns[: last + 1])["input_ids"]
+        image_end = len(ids) - ids[::-1].index(self.image_token_id)
+        if image_end > self.max_length:
+            raise DataError(f"{_where(self.json_path, index, sample['id'])}: max_length="
+                            f"{self.max_length} cuts its image tokens (they end at position "
+                            f"{image_end}); use max_length >= {image_end} or a shorter prompt")
+
+    def _load_pixels(self, index: int) -> torch.Tensor:
+        from PIL import Image
+
+        sample = self.samples[index]
+        path = self.image_folder / sample["image"]
+        try:
+            with Image.open(path) as img:
+                img = img.convert("RGB")
+        except OSError as exc:
+            raise DataError(f"{_where(self.json_path, index, sample['id'])}: cannot read image "
+                            f"{path} ({exc}); replace the file") from None
+        return self.image_processor(images=img, return_tensors="pt")["pixel_values"][0]
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.samples[index]
+        encoded = self._encode(sample["conversations"])
+        input_ids, labels = encoded["input_ids"], encoded["labels"]
+        if self.max_length is not None and len(input_ids) > self.max_length:
+            if self.image_token_id in input_ids[self.max_length:]:  # checked at init; kept as guard
+                self._check_image_fits(index)
+            input_ids, labels = input_ids[: self.max_length], labels[: self.max_length]
+        return {
+            "input_ids": torch.tensor(input_ids, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "attention_mask": torch.ones(len(input_ids), dtype=torch.long),
+            "pixel_values": self._load_pixels(index) if "image" in sample else None,
+            "id": sample["id"],
+        }
+
+
+@dataclass
+class LlavaCollator:
+    """Right-pad items of :class:`LlavaDataset` into a batch for ``model(**batch)``.
+
+    ``input_ids`` are padded with ``pad_token_id``, ``labels`` with -100, ``attention_mask``
+    with 0. ``pixel_values`` stacks the images of the items that have one, in batch order
+    (the model matches them to the image tokens in order); the key is absent when no item
+    has an image. ``id`` is dropped.
+    """
+
+    pad_token_id: int
+
+    def __call__(self, batch: list[dict]) -> dict[str, torch.Tensor]:
+        if not batch:
+            raise ValueError("cannot collate an empty batch")
+        longest = max(len(item["input_ids"]) for item in batch)
+        input_ids = torch.full((len(batch), longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(batch), longest), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), longest), dtype=torch.long)
+        for row, item in enumerate(batch):
+            n = len(item["input_ids"])
+            input_ids[row, :n] = torch.as_tensor(item["input_ids"], dtype=torch.long)
+            labels[row, :n] = torch.as_tensor(item["labels"], dtype=torch.long)
+            attention_mask[row, :n] = torch.as_tensor(item["attention_mask"], dtype=torch.long)
+        out = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+        pixels = [item["pixel_values"] for item in batch if item.get("pixel_values") is not None]
+        if pixels:
+            out["pixel_values"] = torch.stack(pixels)
+        return out
