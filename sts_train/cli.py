@@ -1,0 +1,124 @@
+"""``sts-train``: stage-aware sparse training of LLaVA-style models.
+
+    sts-train make-data data/shapes                # synthetic LLaVA-format data set
+    sts-train make-model demo models/demo          # a random-weight model folder
+    sts-train train run.yaml                       # train one stage (dense without a schedule)
+    sts-train plan schedule.yaml --layers 8 --steps 100   # preview what a schedule does
+
+Heavy imports (torch, transformers) happen inside the commands so ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+import yaml
+
+from sts_train.clitools import user_errors
+
+app = typer.Typer(
+    help="Stage-aware sparse training (Visual Token Compressor + Layer Dynamic Skipper) "
+    "of LLaVA-style models on the Hugging Face Trainer.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+def _parse_overrides(items: list[str]) -> dict:
+    from sts_train.errors import StsError
+
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise StsError(f"--set {item!r}: expected KEY=VALUE such as training.max_steps=10")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+@app.command()
+def train(
+    config: Path = typer.Argument(..., help="Run config YAML (model, data, stage, schedule, training, output_dir)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config key: --set training.max_steps=10"),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Override output_dir."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in output_dir from its last checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in output_dir."),
+) -> None:
+    """Train one stage; a schedule adds token compression and layer skipping."""
+    with user_errors():
+        from sts_train.config import load_run_config
+
+        overrides = _parse_overrides(set_)
+        if output_dir is not None:
+            overrides["output_dir"] = str(output_dir)
+        cfg = load_run_config(config, overrides)
+        from sts_train.train import train as run_train
+
+        summary = run_train(cfg, resume=resume, overwrite=overwrite)
+        typer.echo(
+            f"done: {summary['global_step']} steps in {summary['wall_time_s']:.1f} s, "
+            f"FLOPs saved {100 * summary['flops_saved_frac']:.1f}%, "
+            f"speedup estimate {summary['speedup_estimate']:.2f}x -> {cfg.output_dir}"
+        )
+
+
+@app.command("make-data")
+def make_data(
+    out: Path = typer.Argument(..., help="Folder to write (images/, alignment.json, instruction.json, *_eval.json)."),
+    n_alignment: int = typer.Option(200, help="Caption samples for stage 1."),
+    n_instruction: int = typer.Option(200, help="Question-answer samples for stage 2."),
+    n_eval: int = typer.Option(50, help="Held-out samples per split."),
+    image_size: int = typer.Option(336, help="Image side in pixels."),
+    seed: int = typer.Option(0, help="Random seed (same seed, same bytes)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty folder."),
+) -> None:
+    """Generate the synthetic "shapes" data set in the LLaVA format."""
+    with user_errors():
+        from sts_train.shapes import generate_shapes
+
+        paths = generate_shapes(out, n_alignment=n_alignment, n_instruction=n_instruction, n_eval=n_eval,
+                                image_size_px=image_size, seed=seed, overwrite=overwrite)
+        typer.echo(f"wrote {len(paths)} files under {out}")
+
+
+@app.command("make-model")
+def make_model(
+    size: str = typer.Argument(..., help="Factory size: test, small or demo."),
+    out: Path = typer.Argument(..., help="Model folder to write (config, safetensors, processor)."),
+    seed: int = typer.Option(0, help="Weight initialisation seed."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty folder."),
+) -> None:
+    """Write a random-weight LLaVA model folder that loads with AutoModelForImageTextToText."""
+    with user_errors():
+        from sts_train.factory import save_model_folder
+
+        save_model_folder(size, out, seed=seed, overwrite=overwrite)
+        typer.echo(f"wrote {size} model to {out}")
+
+
+@app.command()
+def plan(
+    schedule: Path = typer.Argument(..., help="schedule.yaml"),
+    layers: int = typer.Option(..., "--layers", help="Number of decoder layers of the model."),
+    steps: int = typer.Option(..., "--steps", help="Total optimizer steps (for stages without step ranges)."),
+    stage: Optional[str] = typer.Option(None, "--stage", help="Stage to preview (default: by step ranges)."),
+    every: int = typer.Option(0, help="Print every N-th step (default: about 10 rows)."),
+) -> None:
+    """Validate a schedule and print its plan over the run: keep ratio and skip probabilities."""
+    with user_errors():
+        from sts_train.schedule import load_schedule
+
+        sched = load_schedule(schedule)
+        sched.check_model(layers)
+        every = every or max(1, steps // 10)
+        typer.echo("step  stage         method       keep   skip_prob per layer")
+        for step in list(range(0, steps, every)) + [steps - 1]:
+            p = sched.plan(step, num_layers=layers, stage=stage, total_steps=steps)
+            probs = " ".join(f"{x:.2f}" for x in p.skip_prob)
+            typer.echo(f"{step:<5d} {str(p.stage):<13s} {str(p.method):<12s} {p.keep_ratio:<6.3f} {probs}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,314 @@
+"""Visual Token Compressor: fewer visual tokens from the projector into the LLM.
+
+Each method is a plain function registered in :data:`COMPRESSORS`::
+
+    method(features (N, D), keep_ratio, *, grid=(rows, cols), text=(T, D) | None,
+           generator=torch.Generator | None) -> (M, D)
+
+applied per image to the projector's output. :func:`compress_inputs` then removes the
+placeholder positions that no longer have a feature from ``input_ids``, ``labels`` and
+``attention_mask``, so the LLM really runs a shorter sequence (transformers 5.x requires the
+number of ``<image>`` tokens to equal the number of feature vectors).
+
+Methods:
+    uniform: 2-D average pooling over the patch grid to ``round(rows*sqrt(r)) x
+        round(cols*sqrt(r))`` cells (adaptive pooling), spatial order kept.
+    random: a random subset of ``round(r*N)`` tokens, order kept.
+    text_guided: keep the ``round(r*N)`` tokens with the highest score
+        ``cos(v_i, mean_t(e_t))``, the cosine between the visual token (LLM embedding space) and
+        the mean input embedding of the sample's instruction tokens (prompt text, no answer);
+        order kept.
+    merge: bipartite soft matching (token merging, Bolya et al. 2023): alternate tokens form
+        sets A and B; each A token's most similar B token (cosine) is found and the most
+        similar pairs merge as a size-weighted mean, repeated until ``round(r*N)`` remain;
+        order of the survivors kept.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from sts_train.errors import ScheduleError
+
+Compressor = Callable[..., torch.Tensor]
+
+
+def kept_count(num_tokens: int, keep_ratio: float) -> int:
+    """Tokens kept out of ``num_tokens`` at ``keep_ratio`` (at least one)."""
+    return max(1, min(num_tokens, round(keep_ratio * num_tokens)))
+
+
+def pooled_grid(grid: tuple[int, int], keep_ratio: float) -> tuple[int, int]:
+    """Output grid of :func:`uniform` (each side scaled by ``sqrt(keep_ratio)``)."""
+    scale = math.sqrt(keep_ratio)
+    return max(1, round(grid[0] * scale)), max(1, round(grid[1] * scale))
+
+
+def uniform(features: torch.Tensor, keep_ratio: float, *, grid: tuple[int, int], **_) -> torch.Tensor:
+    rows, cols = grid
+    out_rows, out_cols = pooled_grid(grid, keep_ratio)
+    image = features.T.reshape(1, features.shape[1], rows, cols)
+    pooled = F.adaptive_avg_pool2d(image, (out_rows, out_cols))
+    return pooled.reshape(features.shape[1], out_rows * out_cols).T
+
+
+def random(features: torch.Tensor, keep_ratio: float, *, generator=None, **_) -> torch.Tensor:
+    n = features.shape[0]
+    keep = torch.randperm(n, generator=generator)[: kept_count(n, keep_ratio)]
+    return features[keep.sort().values.to(features.device)]
+
+
+def text_guided(features: torch.Tensor, keep_ratio: float, *, text=None, **_) -> torch.Tensor:
+    if text is None or text.shape[0] == 0:
+        raise ScheduleError(
+            "text_guided compression needs instruction text, but a sample has none; "
+            "use method uniform or merge for caption-only data"
+        )
+    query = text.float().mean(0, keepdim=True)
+    score = F.cosine_similarity(features.float(), query, dim=-1)
+    keep = score.topk(kept_count(features.shape[0], keep_ratio)).indices.sort().values
+    return features[keep]
+
+
+def merge(features: torch.Tensor, keep_ratio: float, **_) -> torch.Tensor:
+    target = kept_count(features.shape[0], keep_ratio)
+    x = features.float()
+    size = torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)
+    order = torch.arange(x.shape[0], device=x.device, dtype=torch.float)  # position of each token
+    while x.shape[0] > target:
+        a, b = x[0::2], x[1::2]
+        n_merge = min(x.shape[0] - target, a.shape[0], b.shape[0])
+        if n_merge == 0:
+            break
+        sim = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T
+        best, match = sim.max(dim=-1)
+        merged_a = best.argsort(descending=True)[:n_merge]
+        keep_a = torch.ones(a.shape[0], dtype=torch.bool, device=x.device)
+        keep_a[merged_a] = False
+        size_a, size_b = size[0::2], size[1::2].clone()
+        b_sum = b * size_b
+        b_sum.index_add_(0, match[merged_a], a[merged_a] * size_a[merged_a])
+        size_b.index_add_(0, match[merged_a], size_a[merged_a])
+        b = b_sum / size_b
+        x = torch.cat([a[keep_a], b])
+        size = torch.cat([size_a[keep_a], size_b])
+        order = torch.cat([order[0::2][keep_a], order[1::2]])
+        by_position = order.argsort()
+        x, size, order = x[by_position], size[by_position], order[by_position]
+    return x.to(features.dtype)
+
+
+COMPRESSORS: dict[str, Compressor] = {
+    "uniform": uniform,
+    "random": random,
+    "text_guided": text_guided,
+    "merge": merge,
+}
+
+
+def compress_features(
+    features: list[torch.Tensor],
+    method: str,
+    keep_ratio: float,
+    *,
+    grid: tuple[int, int],
+    texts: list[torch.Tensor | None] | None = None,
+    generator: torch.Generator | None = None,
+) -> list[torch.Tensor]:
+    """Compress each image's ``(N, D)`` features; returns a list of ``(M_i, D)`` tensors.
+
+    Raises:
+        ScheduleError: unknown method, or ``text_guided`` with a sample without text.
+    """
+    if method not in COMPRESSORS:
+        raise ScheduleError(f"unknown token method {method!r}; use one of {', '.join(COMPRESSORS)}")
+    fn = COMPRESSORS[method]
+    texts = texts if texts is not None else [None] * len(features)
+    return [
+        fn(f, keep_ratio, grid=grid, text=t, generator=generator) for f, t in zip(features, texts)
+    ]
+
+
+def drop_placeholders(
+    input_ids: torch.Tensor,
+    labels: torch.Tensor | None,
+    attention_mask: torch.Tensor,
+    *,
+    image_token_id: int,
+    tokens_per_image: int,
+    kept_per_image: list[int],
+    pad_token_id: int,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Keep the first ``kept_per_image[k]`` placeholders of the k-th image run, drop the rest.
+
+    Images are counted in batch order (row by row, left to right), as LLaVA scatters features.
+    Rows are re-packed to the left and right-padded to the new longest row.
+
+    Returns:
+        ``(input_ids, labels, attention_mask)`` of the shorter batch.
+    """
+    keep_rows, image_index = [], 0
+    for row in input_ids:
+        is_image = row == image_token_id
+        keep = torch.ones_like(is_image)
+        positions = is_image.nonzero().flatten()
+        for start in range(0, positions.numel(), tokens_per_image):
+            run = positions[start : start + tokens_per_image]
+            keep[run[kept_per_image[image_index] :]] = False
+            image_index += 1
+        keep_rows.append(keep)
+    length = max(int(k.sum()) for k in keep_rows)
+
+    def repack(x: torch.Tensor, fill: int) -> torch.Tensor:
+        out = x.new_full((x.shape[0], length), fill)
+        for i, keep in enumerate(keep_rows):
+            row = x[i][keep]
+            out[i, : row.numel()] = row
+        return out
+
+    return (
+        repack(input_ids, pad_token_id),
+        None if labels is None else repack(labels, -100),
+        repack(attention_mask, 0),
+    )
+
+
+def instruction_embeddings(model, input_ids, labels, attention_mask, image_token_id) -> list[torch.Tensor]:
+    """Per row: input embeddings of the prompt text (not image, not answer, not padding)."""
+    embed = model.get_input_embeddings()
+    prompt = (input_ids != image_token_id) & (attention_mask > 0)
+    if labels is not None:
+        prompt &= labels == -100
+    with torch.no_grad():
+        return [embed(row[mask]) for row, mask in zip(input_ids, prompt)]
+
+
+def compressed_forward(
+    model,
+    batch: dict,
+    *,
+    method: str,
+    keep_ratio: float,
+    parts,
+    pad_token_id: int,
+    generator: torch.Generator | None = None,
+    run=None,
+):
+    """Run ``model(**batch)`` with the visual tokens compressed to ``keep_ratio``.
+
+    The vision tower and projector run as usual; their per-image outputs are compressed, the
+    surplus ``<image>`` positions are dropped, and the LLM runs the shorter sequence with the
+    compressed features passed as ``mm_encoder_outputs``.
+
+    Args:
+        model: a LLaVA-style ``...ForConditionalGeneration``.
+        batch: collated inputs (``input_ids``, ``attention_mask``, ``pixel_values``, ``labels``).
+        method, keep_ratio: what to apply (``keep_ratio == 1`` is a plain forward).
+        parts: :class:`sts_train.adapters.ModelParts` of the model.
+        pad_token_id: id that fills the re-padded rows.
+        run: the forward to call for the LLM part (default ``model``); the
+            :class:`TokenCompressor` passes the model's own unpatched forward.
+
+    Returns:
+        The model output, with ``.kept_visual_tokens`` and ``.seq_len`` attributes added.
+    """
+    run = model if run is None else run
+    pixel_values = batch.get("pixel_values")
+    if pixel_values is None or keep_ratio >= 1.0:
+        out = run(**batch)
+        out.kept_visual_tokens = 0 if pixel_values is None else pixel_values.shape[0] * parts.num_visual_tokens
+        out.seq_len = batch["input_ids"].shape[1]
+        return out
+    rest = {k: v for k, v in batch.items() if k not in ("pixel_values", "input_ids", "labels", "attention_mask")}
+    input_ids, labels, attention_mask = batch["input_ids"], batch.get("labels"), batch["attention_mask"]
+    image_outputs = model.model.get_image_features(
+        pixel_values=pixel_values,
+        vision_feature_layer=parts.vision_feature_layer,
+        vision_feature_select_strategy=parts.vision_feature_select_strategy,
+        return_dict=True,
+    )
+    features = list(image_outputs.pooler_output)
+    texts = None
+    if method == "text_guided":
+        per_row = instruction_embeddings(model, input_ids, labels, attention_mask, parts.image_token_id)
+        images_per_row = ((input_ids == parts.image_token_id).sum(1) // parts.num_visual_tokens).tolist()
+        texts = [per_row[r] for r, n in enumerate(images_per_row) for _ in range(n)]
+    compressed = compress_features(
+        features, method, keep_ratio, grid=parts.patch_grid, texts=texts, generator=generator
+    )
+    input_ids, labels, attention_mask = drop_placeholders(
+        input_ids, labels, attention_mask,
+        image_token_id=parts.image_token_id,
+        tokens_per_image=parts.num_visual_tokens,
+        kept_per_image=[c.shape[0] for c in compressed],
+        pad_token_id=pad_token_id,
+    )
+    image_outputs.pooler_output = compressed
+    out = run(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        labels=labels,
+        mm_encoder_outputs={"image": image_outputs},
+        **rest,
+    )
+    out.kept_visual_tokens = sum(c.shape[0] for c in compressed)
+    out.seq_len = input_ids.shape[1]
+    return out
+
+
+class TokenCompressor:
+    """Compress visual tokens inside the model's own forward.
+
+    Patching the instance's ``forward`` (rather than calling parts of the model from outside)
+    keeps DDP correct: ``DDP(model)(**batch)`` still runs through DDP's forward and its
+    gradient hooks. Compresses only in training mode unless ``force`` is set; evaluation and
+    generation run dense.
+
+    Set ``method``/``keep_ratio`` (and ``generator`` for ``random``) before a step; after it,
+    ``last_kept_visual_tokens`` and ``last_seq_len`` describe what the LLM ran.
+    """
+
+    def __init__(self, model, parts, pad_token_id: int):
+        if "forward" in vars(model):
+            raise RuntimeError("the model already has a patched forward")
+        self.model, self.parts, self.pad_token_id = model, parts, pad_token_id
+        self.method: str | None = None
+        self.keep_ratio = 1.0
+        self.generator: torch.Generator | None = None
+        self.force = False
+        self.last_kept_visual_tokens = 0
+        self.last_seq_len = 0
+        run = model.forward
+
+        def forward(*args, **kwargs):
+            if args:
+                raise TypeError("pass the model inputs as keyword arguments")
+            if self.method is None or not (model.training or self.force):
+                out = run(**kwargs)
+                self.last_seq_len = kwargs["input_ids"].shape[1] if "input_ids" in kwargs else 0
+                pv = kwargs.get("pixel_values")
+                self.last_kept_visual_tokens = 0 if pv is None else pv.shape[0] * parts.num_visual_tokens
+                return out
+            out = compressed_forward(
+                model, kwargs, method=self.method, keep_ratio=self.keep_ratio, parts=parts,
+                pad_token_id=pad_token_id, generator=self.generator, run=run,
+            )
+            self.last_kept_visual_tokens, self.last_seq_len = out.kept_visual_tokens, out.seq_len
+            return out
+
+        model.forward = forward
+
+    def set(self, method: str | None, keep_ratio: float, generator: torch.Generator | None = None) -> None:
+        """Compress with ``method`` at ``keep_ratio`` from now on (``None`` or 1.0: dense)."""
+        if method is not None and method not in COMPRESSORS:
+            raise ScheduleError(f"unknown token method {method!r}; use one of {', '.join(COMPRESSORS)}")
+        self.method = None if keep_ratio >= 1.0 else method
+        self.keep_ratio = keep_ratio
+        self.generator = generator
+
+    def remove(self) -> None:
+        vars(self.model).pop("forward", None)

@@ -1,0 +1,94 @@
+"""Loading models and processors from local folders (or the factory), safely.
+
+Never executes code from a folder: no ``trust_remote_code``, weights via safetensors (or
+``torch.load(weights_only=True)`` inside transformers for ``.bin``), and nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sts_train.adapters import ADAPTERS
+from sts_train.errors import ModelError
+
+
+def read_model_type(folder: str | Path) -> str:
+    """``model_type`` from a folder's ``config.json``.
+
+    Raises:
+        ModelError: not a folder, no ``config.json``, broken JSON, or an unsupported model type.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelError(f"{folder}: not a model folder (no such directory); pass a folder written by save_pretrained")
+    config = folder / "config.json"
+    if not config.is_file():
+        raise ModelError(f"{folder}: not a model folder (no config.json); pass a folder written by save_pretrained")
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except (json.JSONDecodeError, AttributeError):
+        raise ModelError(f"{config}: not valid JSON; re-save the model with save_pretrained") from None
+    if model_type not in ADAPTERS:
+        raise ModelError(
+            f"{folder}: model type {model_type!r} is not supported; use a LLaVA-style model "
+            f"({', '.join(ADAPTERS)})"
+        )
+    return model_type
+
+
+def load_model(folder: str | Path, *, dtype=None, device=None):
+    """Load a supported model folder with plain transformers Auto classes.
+
+    Raises:
+        ModelError: see :func:`read_model_type`; missing, truncated or corrupt weights.
+    """
+    from transformers import AutoModelForImageTextToText
+
+    folder = Path(folder)
+    read_model_type(folder)
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        raise ModelError(f"{folder}: no weight file (model.safetensors); the checkpoint is incomplete")
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(
+            folder, dtype=dtype, trust_remote_code=False, local_files_only=True
+        )
+    except Exception as exc:  # transformers raises many types for a damaged file
+        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise ModelError(
+            f"{folder}: weights could not be loaded ({reason}); the file may be truncated or corrupt, re-save it"
+        ) from None
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def load_processor(folder: str | Path):
+    """Load the processor (image processor + tokenizer) saved next to a model.
+
+    Raises:
+        ModelError: no processor or tokenizer files in the folder.
+    """
+    from transformers import AutoProcessor
+
+    folder = Path(folder)
+    if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
+        raise ModelError(
+            f"{folder}: no tokenizer in the model folder; save the processor there with processor.save_pretrained(folder)"
+        )
+    try:
+        return AutoProcessor.from_pretrained(folder, trust_remote_code=False, local_files_only=True)
+    except Exception as exc:
+        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise ModelError(
+            f"{folder}: processor could not be loaded ({reason}); save it with processor.save_pretrained(folder)"
+        ) from None
+
+
+def load_model_and_processor(path: str | None, size: str | None, seed: int = 0):
+    """A model folder, or a fresh factory model of ``size``; returns ``(model, processor)``."""
+    if path is not None:
+        return load_model(path), load_processor(path)
+    from sts_train.factory import build_model, build_processor
+
+    return build_model(size, seed=seed), build_processor(size)
