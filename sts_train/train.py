@@ -168,6 +168,16 @@ class StsTrainer(Trainer):
 
     _sts_logged_upto = 0
 
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        # transformers 5.x saves LLaVA weights in the legacy key layout and converts them in
+        # from_pretrained, but the Trainer's resume path loads the raw state dict: every key
+        # is "missing" and the run silently resumes from the initial weights. Load through
+        # from_pretrained instead and insist on an exact match.
+        model = self.model if model is None else model
+        dtype = next(model.parameters()).dtype
+        loaded = type(model).from_pretrained(resume_from_checkpoint, dtype=dtype, local_files_only=True)
+        model.load_state_dict(loaded.state_dict(), strict=True)
+
 
 def _check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
     holds_run = out.is_dir() and (

@@ -1,0 +1,207 @@
+"""sts-train end to end on the test-size model: checkpoints, resume, bad input through the CLI."""
+
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModelForImageTextToText
+from typer.testing import CliRunner
+
+from sts_train.cli import app
+from sts_train.config import load_run_config
+from sts_train.schedule import load_schedule, sample_skipped_layers
+from sts_train.train import train
+
+SCHEDULE = {
+    "schema_version": 1,
+    "source": {"tool": "test"},
+    "stages": [{
+        "name": "instruction",
+        "tokens": {"method": "uniform", "keep_ratio": 0.25},
+        "layers": {"policy": "per_layer", "skip_prob": [0.5, 0.5], "decay": "linear", "never_skip": []},
+    }],
+}
+
+
+def _model_keys(saved: dict) -> dict:
+    """transformers 5 writes LLaVA weights in the original (legacy) layout; map to module names."""
+    out = {}
+    for k, v in saved.items():
+        for old, new in (("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
+                         ("vision_tower.", "model.vision_tower."),
+                         ("multi_modal_projector.", "model.multi_modal_projector.")):
+            if k.startswith(old):
+                k = new + k[len(old):]
+                break
+        out[k] = v
+    return out
+
+
+def _write(path, data):
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.fixture()
+def run_setup(tmp_path, shapes_dir):
+    data_root = shapes_dir["images"].parent
+    sched = _write(tmp_path / "schedule.yaml", SCHEDULE)
+    cfg = {
+        "model": {"size": "test"},
+        "data": {"json": str(shapes_dir["instruction"]), "images": str(data_root)},
+        "stage": {"name": "instruction"},
+        "schedule": {"path": str(sched), "stage": "instruction"},
+        "training": {"max_steps": 6, "per_device_train_batch_size": 2, "save_steps": 3,
+                     "logging_steps": 2, "seed": 7, "weight_decay": 0.01, "report_to": []},
+        "output_dir": str(tmp_path / "run"),
+    }
+    return tmp_path, cfg
+
+
+def test_sparse_run_writes_loadable_checkpoints_and_logs(run_setup):
+    tmp, cfg = run_setup
+    config_path = _write(tmp / "run.yaml", cfg)
+    summary = train(load_run_config(config_path))
+    out = tmp / "run"
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+    log = [json.loads(line) for line in (out / "sts_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(6))
+    # plans are the pure function of (schedule, step, seed)
+    sched = load_schedule(tmp / "schedule.yaml")
+    for r in log:
+        plan = sched.plan(r["step"], num_layers=2, stage="instruction", total_steps=6)
+        assert r["skipped_layers"] == list(sample_skipped_layers(plan.skip_prob, seed=7, step=r["step"]))
+        assert r["kept_visual_tokens"] * 4 == r["dense_visual_tokens"]
+        assert r["flops"] < r["dense_flops"]
+    assert summary["visual_tokens_saved_frac"] == pytest.approx(0.75)
+    assert summary["flops"] == pytest.approx(sum(r["flops"] for r in log))
+    assert json.loads((out / "sts_summary.json").read_text())["global_step"] == 6
+    # the checkpoint is a plain transformers model: same names, no missing/unexpected keys
+    ckpt = out / "checkpoint-6"
+    loaded, info = AutoModelForImageTextToText.from_pretrained(ckpt, output_loading_info=True)
+    assert info["missing_keys"] == set() or not info["missing_keys"]
+    assert not info["unexpected_keys"]
+    saved = _model_keys(load_file(ckpt / "model.safetensors"))
+    state = loaded.state_dict()
+    assert saved.keys() == state.keys()
+    for k in saved:
+        assert torch.equal(saved[k], state[k]), k
+    assert yaml.safe_load((out / "sts_run.yaml").read_text())["schedule"]["stage"] == "instruction"
+
+
+def test_resume_gives_same_plans_and_weights(run_setup):
+    tmp, cfg = run_setup
+    full = _write(tmp / "full.yaml", cfg)
+    train(load_run_config(full))
+    cfg_b = dict(cfg, output_dir=str(tmp / "resumed"))
+    part = _write(tmp / "part.yaml", cfg_b)
+    train(load_run_config(part, {"training.max_steps": 6}))
+    # interrupt: keep only checkpoint-3 and the log up to it, then resume
+    shutil.rmtree(tmp / "resumed" / "checkpoint-6")
+    log_path = tmp / "resumed" / "sts_log.jsonl"
+    log_path.write_text("".join(log_path.read_text().splitlines(True)[:3]))
+    train(load_run_config(part), resume=True)
+    a = load_file(tmp / "run" / "checkpoint-6" / "model.safetensors")
+    b = load_file(tmp / "resumed" / "checkpoint-6" / "model.safetensors")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    plans_a = [json.loads(x)["skipped_layers"] for x in (tmp / "run" / "sts_log.jsonl").read_text().splitlines()]
+    plans_b = [json.loads(x)["skipped_layers"] for x in log_path.read_text().splitlines()]
+    assert plans_a == plans_b
+
+
+def test_alignment_trains_projector_only(run_setup, shapes_dir):
+    tmp, cfg = run_setup
+    cfg = dict(cfg, stage={"name": "alignment"}, schedule={},
+               data={"json": str(shapes_dir["alignment"]), "images": str(shapes_dir["images"].parent)})
+    cfg["training"] = dict(cfg["training"], max_steps=2, save_steps=2)
+    train(load_run_config(_write(tmp / "a.yaml", cfg)))
+    from sts_train.factory import build_model
+
+    before = build_model("test").state_dict()
+    after = _model_keys(load_file(tmp / "run" / "checkpoint-2" / "model.safetensors"))
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert changed and all(k.startswith("model.multi_modal_projector.") for k in changed)
+
+
+runner = CliRunner()
+
+
+def _cli(args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("case, patch, message", [
+    ("layer index", {"layers": {"policy": "per_layer", "skip_prob": [0.1, 0.1, 0.1]}},
+     "skip_prob .*3 entries but the model has 2 layers"),
+    ("never_skip", {"layers": {"policy": "paper", "alpha": 0.5, "eps": 0.1, "never_skip": [5]}},
+     "never_skip"),
+    ("no visual token", {"tokens": {"method": "uniform", "keep_ratio": 0.01}},
+     "keep_ratio 0.01 leaves no visual token of 16"),
+])
+def test_schedule_that_does_not_fit_the_model(run_setup, case, patch, message):
+    tmp, cfg = run_setup
+    stage = {"name": "instruction", **patch}
+    _write(tmp / "schedule.yaml", {"schema_version": 1, "stages": [stage]})
+    res = _cli(["train", _write(tmp / "run.yaml", cfg)])
+    assert res.exit_code == 2, res.output
+    assert res.output.startswith("error: ") and len(res.output.strip().splitlines()) == 1
+    import re
+
+    assert re.search(message, res.output), res.output
+    assert not (tmp / "run").exists()
+
+
+def test_text_guided_needs_instruction_text(run_setup, shapes_dir):
+    tmp, cfg = run_setup
+    samples = json.loads(shapes_dir["instruction"].read_text())[:2]
+    samples[1]["conversations"][0]["value"] = "<image>"
+    data = _write(tmp / "notext.json", samples)
+    data.write_text(json.dumps(samples))
+    _write(tmp / "schedule.yaml", {"schema_version": 1, "stages": [
+        {"name": "instruction", "tokens": {"method": "text_guided", "keep_ratio": 0.5}}]})
+    cfg["data"]["json"] = str(data)
+    res = _cli(["train", _write(tmp / "run.yaml", cfg)])
+    assert res.exit_code == 2
+    assert f"data entry 1 (id '{samples[1]['id']}') has no instruction text" in res.output
+
+
+def test_bad_model_folder_and_data(run_setup, shapes_dir):
+    tmp, cfg = run_setup
+    bert = tmp / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    res = _cli(["train", _write(tmp / "r1.yaml", dict(cfg, model={"path": str(bert)}))])
+    assert res.exit_code == 2 and "model type 'bert' is not supported" in res.output
+    broken = tmp / "broken.json"
+    broken.write_text('[{"id": "a", "conversations": [}')
+    res = _cli(["train", _write(tmp / "r2.yaml", dict(cfg, data={"json": str(broken), "images": str(tmp)}))])
+    assert res.exit_code == 2 and "broken.json" in res.output and "JSON" in res.output
+    res = _cli(["train", _write(tmp / "r3.yaml", dict(cfg, data={"json": str(shapes_dir["instruction"]),
+                                                                   "images": str(tmp)}))])
+    assert res.exit_code == 2 and "instr-00000" in res.output and "not found" in res.output
+    assert not (tmp / "run").exists()
+
+
+def test_output_folder_with_a_run_is_refused(run_setup):
+    tmp, cfg = run_setup
+    cfg["training"] = dict(cfg["training"], max_steps=1, save_steps=1)
+    path = _write(tmp / "run.yaml", cfg)
+    assert _cli(["train", path]).exit_code == 0
+    before = (tmp / "run" / "checkpoint-1" / "model.safetensors").read_bytes()
+    res = _cli(["train", path])
+    assert res.exit_code == 2
+    assert "already holds a run; pass --resume to continue it or --overwrite to replace it" in res.output
+    assert (tmp / "run" / "checkpoint-1" / "model.safetensors").read_bytes() == before
+    assert _cli(["train", path, "--overwrite", "--set", "training.seed=1"]).exit_code == 0
+    assert (tmp / "run" / "checkpoint-1" / "model.safetensors").read_bytes() != before
+
+
+def test_unknown_config_key(run_setup):
+    tmp, cfg = run_setup
+    cfg["training"]["max_stepz"] = 3
+    res = _cli(["train", _write(tmp / "run.yaml", cfg)])
+    assert res.exit_code == 2 and "config.training.max_stepz: unknown key" in res.output
