@@ -321,7 +321,12 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -
     model.config.use_cache = False
     model.config.text_config.use_cache = False
 
-    write = int(os.environ.get("RANK", "0")) == 0
+    args = build_training_args(config, skips_layers)  # sets up the process group under torchrun
+    # every rank has validated the output folder before rank 0 writes anything into it
+    from accelerate import PartialState
+
+    PartialState().wait_for_everyone()
+    write = args.process_index == 0
     if overwrite and write and out.exists():
         shutil.rmtree(out)
     if write:
@@ -340,7 +345,7 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -
         controller.compressor.force = controller.skipper.force = True
     trainer = StsTrainer(
         model=model,
-        args=build_training_args(config, skips_layers),
+        args=args,
         train_dataset=train_set,
         eval_dataset=eval_set,
         data_collator=LlavaCollator(pad_token_id=pad_id),
