@@ -3,6 +3,7 @@
     sts-train make-data data/shapes                # synthetic LLaVA-format data set
     sts-train make-model demo models/demo          # a random-weight model folder
     sts-train train run.yaml                       # train one stage (dense without a schedule)
+    sts-train evaluate runs/x/checkpoint-100 --data data/instruction_eval.json
     sts-train plan schedule.yaml --layers 8 --steps 100   # preview what a schedule does
 
 Heavy imports (torch, transformers) happen inside the commands so ``--help`` is instant.
@@ -96,6 +97,29 @@ def make_model(
 
         save_model_folder(size, out, seed=seed, overwrite=overwrite)
         typer.echo(f"wrote {size} model to {out}")
+
+
+@app.command()
+def evaluate(
+    model_dir: Path = typer.Argument(..., help="A model folder or checkpoint-N (loaded with plain transformers)."),
+    data: Path = typer.Option(..., "--data", help="LLaVA JSON of the held-out split."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Image folder (default: the JSON's folder)."),
+    no_accuracy: bool = typer.Option(False, "--no-accuracy", help="Only the loss (no generation)."),
+    limit: Optional[int] = typer.Option(None, help="Answer at most this many samples."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the result to this JSON file."),
+) -> None:
+    """Dense evaluation: held-out loss and exact-match answer accuracy (greedy generation)."""
+    with user_errors():
+        import json
+
+        from sts_train.configtools import atomic_write_text
+        from sts_train.evaluate import evaluate_folder
+
+        result = evaluate_folder(model_dir, data, images, accuracy=not no_accuracy, limit=limit)
+        text = json.dumps(result, indent=2)
+        if json_out is not None:
+            atomic_write_text(json_out, text + "\n")
+        typer.echo(text)
 
 
 @app.command()

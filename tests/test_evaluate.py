@@ -1,0 +1,51 @@
+"""Dense evaluation: loss against a direct computation, accuracy against a rigged answer."""
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+from sts_train.data import LlavaCollator, LlavaDataset
+from sts_train.evaluate import answer_accuracy, eval_loss, first_word
+from sts_train.factory import build_model
+from sts_train.shapes import answer_of
+
+
+def test_first_word():
+    assert first_word(" Red.</s>") == "red" and first_word("  ") == "" and first_word("left side") == "left"
+
+
+def test_eval_loss_is_token_weighted_mean(shapes_dir, test_processor):
+    model = build_model("test", seed=1).eval()
+    ds = LlavaDataset(shapes_dir["instruction_eval"], shapes_dir["images"].parent, test_processor,
+                      num_image_tokens=16)
+    collate = LlavaCollator(test_processor.tokenizer.pad_token_id)
+    got = eval_loss(model, ds, collate, batch_size=3)
+    with torch.no_grad():  # one sample at a time, weighted by its number of answer tokens
+        parts = []
+        for i in range(len(ds)):
+            batch = collate([ds[i]])
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            parts.append((model(**batch).loss.item() * n, n))
+    assert got == pytest.approx(sum(a for a, _ in parts) / sum(n for _, n in parts), rel=1e-5)
+
+
+def test_answer_accuracy_with_a_model_that_always_says_red(shapes_dir, test_processor):
+    model = build_model("test", seed=1).eval()
+    tok = test_processor.tokenizer
+    red = tok.encode(" red", add_special_tokens=False)
+    assert len(red) == 1
+    head = nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=True)
+    nn.init.zeros_(head.weight)
+    with torch.no_grad():
+        head.bias.zero_()
+        head.bias[red[0]] = 10.0
+    model.lm_head = head
+    ds = LlavaDataset(shapes_dir["instruction"], shapes_dir["images"].parent, test_processor, num_image_tokens=16)
+    result = answer_accuracy(model, ds)
+    samples = json.loads(shapes_dir["instruction"].read_text())
+    expected = sum(answer_of(s) == "red" for s in samples) / len(samples)
+    assert result["answered"] == len(samples)
+    assert result["answer_accuracy"] == pytest.approx(expected)
+    assert 0 < expected < 1  # the data set has red and non-red answers: the test can fail
