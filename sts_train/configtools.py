@@ -151,6 +151,7 @@ def atomic_write_text(path: str | Path, text: str, overwrite: bool = True) -> Pa
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -599,6 +599,7 @@ def dump_schedule(schedule: Schedule, path: str | os.PathLike, overwrite: bool =
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

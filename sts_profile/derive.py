@@ -1,0 +1,691 @@
+"""Derive a stage schedule from the profiler's tables and a compute or quality budget.
+
+    sts-profile schedule analysis/ --target-speedup 1.8 -o schedule.yaml
+
+Library::
+
+    budget = Budget(target_speedup=1.8)                 # or Budget(max_loss_increase=0.05)
+    sched = derive_schedule(layers, tokens, num_layers=8, num_visual_tokens=576, budget=budget,
+                            provenance={"tables": "analysis/"}, dims=dims, text_len=64)
+
+Rules per stage of the tables (plain, documented choices):
+
+* **Checkpoints**: a stage uses only its own; deltas (``compress_loss_delta``,
+  ``skip_loss_delta``) are the *max* over them, so an option holds at every checkpoint.
+* **Frozen LLM** -> no layer skipping: ``llm_frozen`` when given (the analysis compares decoder
+  weights), else layer metrics identical across >= 2 checkpoints (:func:`frozen_stages`), else
+  (one checkpoint) the stage is frozen iff it is named ``alignment``.
+* **Cost**: analytic LLM FLOPs (:mod:`sts_train.flops`) at ``text_len`` + kept visual tokens,
+  ratio of sums over 200 progress points (as the trainer reports it); the backward factor
+  cancels. Without ``dims`` a layer costs in proportion to its sequence length.
+* **Layers**: sensitivity ``s_l`` = ``skip_loss_delta`` (fallback ``block_influence``: loss
+  unknown); ``p_l = min(0.9, c * m / (s_l + m))``, ``m`` the median ``s_l`` of the skippable
+  layers, one scale ``c``; first/last and unmeasured layers 0. Predicted loss at the stage
+  start (peak): ``sum_l p_l * max(s_l, 0)`` (skips taken as independent).
+* **Decay** (:func:`fit_decay`): a "need" series (layers: mean ``block_influence`` of the less
+  sensitive half; tokens: ``1 - mergeable_frac``, fallback ``1 - neighbor_cosine``) rising by
+  more than 5% first to last means redundancy shrinks: the curve (linear/quadratic/cosine) whose affine
+  fit ``need ~ a + b * (1 - f(x))`` has the least squared residual (ties: linear); else
+  ``constant``. One checkpoint: layers ``linear``, tokens ``constant``.
+* **Token curve**: ``keep_ratio_end = min(1, keep_ratio * need_last / need_first)`` along that
+  curve (the ratio follows the fraction of distinct tokens; never below the measured start).
+* **Budget** ``max_loss_increase``: of the token options within tolerance (and dense), with
+  the rest of the tolerance spent on layers, the highest predicted speedup (no layers: the
+  cheapest option within tolerance). ``target_speedup``: of the options reaching the target (a
+  measured token option plus just enough layer skipping, or a keep ratio between measured ones,
+  its loss bounded by the next smaller measured ratio), the smallest predicted loss, recorded
+  as the derived tolerance. Unknown layer loss ranks worse than any known loss.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+
+from sts_train.errors import StsError
+from sts_train.flops import LayerDims, layer_flops_fwd, lm_head_flops_fwd
+from sts_train.schedule import (
+    DECAY_CURVES, SCHEMA_VERSION, LayerSparsity, Schedule, Stage, StepRange, TokenSparsity,
+    dump_schedule,
+)
+
+POLICIES = ("profile", "paper")
+MAX_SKIP_PROB = 0.9
+TREND_MIN_REL_RISE = 0.05
+FROZEN_RTOL, FROZEN_ATOL = 1e-4, 1e-6
+PROGRESS_POINTS = 200
+_STAGE_RANK = {"alignment": 0, "instruction": 1}
+_FITTED_CURVES = ("linear", "quadratic", "cosine")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What the derived schedule must achieve.
+
+    Args:
+        target_speedup: predicted LLM FLOPs ratio dense/sparse per stage (> 1), or
+        max_loss_increase: tolerated predicted loss increase per stage (>= 0); exactly one of
+            the two for policy ``profile``, neither for ``paper``.
+        policy: ``profile`` (derive from measurements) or ``paper`` (the fixed formula).
+        alpha, eps: the paper formula's parameters (policy ``paper`` only).
+
+    Raises:
+        StsError: one line naming the option (``--target-speedup``) and the fix.
+    """
+
+    target_speedup: float | None = None
+    max_loss_increase: float | None = None
+    policy: str = "profile"
+    alpha: float = 0.5
+    eps: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise StsError(f"--policy {self.policy!r} is not known; use one of: {', '.join(POLICIES)}")
+        given = [k for k in ("target_speedup", "max_loss_increase") if getattr(self, k) is not None]
+        if self.policy == "paper":
+            if given:
+                raise StsError(f"--{given[0].replace('_', '-')} does not apply to --policy paper (its"
+                               " rates are fixed by --alpha/--eps); remove it or use --policy profile")
+            alpha, eps = _real("--alpha", self.alpha), _real("--eps", self.eps)
+            if alpha < 0:
+                raise StsError(f"--alpha {alpha} is negative; pass a value in [0, 1)")
+            if not -1.0 <= eps <= 1.0:
+                raise StsError(f"--eps {eps} is outside [-1, 1]; pass a value in [-1, 1]")
+            if alpha * (1 + abs(eps)) >= 1.0:
+                raise StsError(f"--alpha {alpha} with --eps {eps} gives alpha*(1+|eps|) ="
+                               f" {alpha * (1 + abs(eps)):.4g} >= 1, so a skip probability would"
+                               " reach 1; lower --alpha or --eps")
+            return
+        if len(given) == 2:
+            raise StsError("--target-speedup and --max-loss-increase were both given; pass only one")
+        if not given:
+            raise StsError("--policy profile needs a budget; pass --target-speedup (e.g. 1.8) or"
+                           " --max-loss-increase (e.g. 0.05)")
+        if self.target_speedup is not None and _real("--target-speedup", self.target_speedup) <= 1.0:
+            raise StsError(f"--target-speedup {self.target_speedup} is not above 1 (it is dense FLOPs"
+                           " / sparse FLOPs); pass a number > 1, e.g. 1.8")
+        if self.max_loss_increase is not None and _real("--max-loss-increase", self.max_loss_increase) < 0:
+            raise StsError(f"--max-loss-increase {self.max_loss_increase} is negative; pass a"
+                           " tolerated loss increase >= 0, e.g. 0.05")
+
+
+def _real(option: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise StsError(f"{option} {value!r} is not a finite number; pass a number")
+    return float(value)
+
+
+# ---------------------------------------------------------------- measurements from the tables
+
+def _stage_order(*tables: pd.DataFrame | None) -> list[str]:
+    """Stages in the tables, ordered by their first step (alignment before instruction on ties)."""
+    first: dict[str, int] = {}
+    for df in tables:
+        if df is None or df.empty:
+            continue
+        for stage, step in df.groupby("stage")["step"].min().items():
+            first[str(stage)] = min(int(step), first.get(str(stage), int(step)))
+    return sorted(first, key=lambda s: (first[s], _STAGE_RANK.get(s, 2), s))
+
+
+def _checkpoints(*tables: pd.DataFrame | None) -> list[tuple[str, int, str]]:
+    """Distinct ``(checkpoint, step, stage)`` rows of the tables, by step."""
+    rows = pd.concat([t[["checkpoint", "step", "stage"]] for t in tables if t is not None and not t.empty])
+    if rows.empty:
+        return []
+    rows = rows.drop_duplicates().sort_values(["step", "checkpoint"])
+    return [(str(c), int(s), str(g)) for c, s, g in rows.itertuples(index=False)]
+
+
+def frozen_stages(layers: pd.DataFrame | None) -> list[str]:
+    """Stages whose layer metrics do not change across their checkpoints (a frozen LLM).
+
+    A stage counts as frozen when it has two or more checkpoints and, for every (layer,
+    token_type, metric), ``max - min <= 1e-6 + 1e-4 * |max|`` over them (tolerant of bf16 and
+    kernel nondeterminism, far below real training drift).
+
+    Returns:
+        Stage names in step order.
+    """
+    out = []
+    if layers is None or layers.empty:
+        return out
+    for stage in _stage_order(layers):
+        df = layers[layers["stage"] == stage]
+        if df["checkpoint"].nunique() < 2:
+            continue
+        spread = df.groupby(["layer", "token_type", "metric"])["value"].agg(["min", "max"]).dropna()
+        if not spread.empty and bool(((spread["max"] - spread["min"]).abs()
+                                      <= FROZEN_ATOL + FROZEN_RTOL * spread["max"].abs()).all()):
+            out.append(stage)
+    return out
+
+
+def _per_checkpoint_layer(df: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """``step x layer`` values of ``metric``: token_type ``all`` if measured, else the mean."""
+    m = df[df["metric"] == metric]
+    if (m["token_type"] == "all").any():
+        m = m[m["token_type"] == "all"]
+    return m.groupby(["step", "layer"])["value"].mean().unstack("layer").sort_index()
+
+
+def fit_decay(progress: list[float], need: list[float]) -> tuple[str, dict]:
+    """Pick the decay curve whose shape best fits a rising "need" series (rules in module doc).
+
+    Args:
+        progress: stage progress in [0, 1] of each checkpoint, increasing.
+        need: the measured need per checkpoint (higher = less redundant).
+
+    Returns:
+        ``(curve, info)``; info holds the relative rise and the residual of each curve.
+    """
+    x, y = np.asarray(progress, float), np.asarray(need, float)
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    if len(x) < 2 or np.ptp(x) == 0:
+        return "constant", {"reason": "fewer than two checkpoints"}
+    rise = float((y[-1] - y[0]) / max(abs(y[0]), 1e-12))
+    info: dict = {"rel_rise": rise}
+    if rise <= TREND_MIN_REL_RISE:
+        return "constant", info
+    residual = {}
+    for name in _FITTED_CURVES:
+        f = np.array([1.0 - DECAY_CURVES[name](v) for v in x])
+        design = np.stack([np.ones_like(f), f], axis=1)
+        coef, *_ = np.linalg.lstsq(design, y, rcond=None)
+        residual[name] = float(np.sum((design @ coef - y) ** 2)) if coef[1] > 0 else math.inf
+    info["residual"] = residual
+    best = min(_FITTED_CURVES, key=lambda n: (round(residual[n], 12), _FITTED_CURVES.index(n)))
+    return best, info
+
+
+def _progress(steps: list[int], stage_range: tuple[int, int] | None) -> list[float]:
+    if stage_range is not None:
+        start, end = stage_range
+        return [min(max((s - start) / (end - start), 0.0), 1.0) for s in steps]
+    lo, hi = min(steps), max(steps)
+    return [0.0 if hi == lo else (s - lo) / (hi - lo) for s in steps]
+
+
+# ---------------------------------------------------------------------------- cost model
+
+def _kept_visual(method: str | None, num_visual_tokens: int, keep_ratio: float) -> int:
+    """Visual tokens the trainer's compressor keeps (pooled grid for uniform on a square grid)."""
+    from sts_train.compress import kept_count, pooled_grid  # imports torch: keep it lazy
+
+    if method is None or keep_ratio >= 1.0:
+        return num_visual_tokens
+    side = math.isqrt(num_visual_tokens)
+    if method == "uniform" and side * side == num_visual_tokens:
+        rows, cols = pooled_grid((side, side), keep_ratio)
+        return rows * cols
+    return kept_count(num_visual_tokens, keep_ratio)
+
+
+def _seq_cost(seq_len: int, dims: LayerDims | None) -> tuple[float, float]:
+    """(one decoder layer, LM head) forward FLOPs at ``seq_len``; linear model without dims."""
+    if dims is None:
+        return float(seq_len), 0.0
+    return float(layer_flops_fwd(seq_len, dims)["total"]), lm_head_flops_fwd(seq_len, dims)
+
+
+@dataclass
+class _Cost:
+    """Sums over the progress grid: sparse total = ``base - S * fa`` for ``S = sum_l p_l(0)``."""
+
+    dense: float
+    base: float
+    fa: float
+
+    def speedup(self, total_skip: float) -> float:
+        return self.dense / (self.base - total_skip * self.fa)
+
+
+def _cost(tokens: TokenSparsity | None, decay: str, *, num_layers: int, dims: LayerDims | None,
+          text_len: int, num_visual_tokens: int) -> _Cost:
+    layer_d, head_d = _seq_cost(text_len + num_visual_tokens, dims)
+    dense = base = fa = 0.0
+    for i in range(PROGRESS_POINTS):
+        x = (i + 0.5) / PROGRESS_POINTS
+        ratio = 1.0 if tokens is None else tokens.keep_ratio_at(x)
+        kept = _kept_visual(None if tokens is None else tokens.method, num_visual_tokens, ratio)
+        layer, head = _seq_cost(text_len + kept, dims)
+        dense += num_layers * layer_d + head_d
+        base += num_layers * layer + head
+        fa += DECAY_CURVES[decay](x) * layer
+    return _Cost(dense, base, fa)
+
+
+def predicted_speedup(schedule: Schedule, *, num_layers: int, dims: LayerDims | None, text_len: int,
+                      num_visual_tokens: int, stage: str) -> float:
+    """Predicted LLM FLOPs ratio dense / sparse of one stage, averaged over its progress.
+
+    Sums the analytic training FLOPs (:mod:`sts_train.flops`; expected skipped layers
+    ``sum_l p_l(x)``) over 200 progress points and returns ``sum dense / sum sparse``.
+
+    Raises:
+        ScheduleError: no stage named ``stage`` or a layer policy that does not fit.
+    """
+    chosen = schedule.stage_named(stage)
+    layer_d, head_d = _seq_cost(text_len + num_visual_tokens, dims)
+    dense = sparse = 0.0
+    for i in range(PROGRESS_POINTS):
+        x = (i + 0.5) / PROGRESS_POINTS
+        tok = chosen.tokens
+        kept = _kept_visual(None if tok is None else tok.method, num_visual_tokens,
+                            1.0 if tok is None else tok.keep_ratio_at(x))
+        skipped = 0.0 if chosen.layers is None else sum(chosen.layers.skip_prob_at(x, num_layers))
+        layer, head = _seq_cost(text_len + kept, dims)
+        dense += num_layers * layer_d + head_d
+        sparse += (num_layers - skipped) * layer + head
+    return dense / sparse
+
+
+# ---------------------------------------------------------------------------- per-stage choice
+
+@dataclass
+class _Layers:
+    """Skip shape of a stage: ``p_l = min(0.9, c * w_l)``; ``delta`` is None when loss is unknown."""
+
+    weights: list[float]
+    delta: list[float] | None
+    decay: str
+
+    def probs(self, scale: float) -> list[float]:
+        return [min(MAX_SKIP_PROB, scale * w) for w in self.weights]
+
+    @property
+    def top_scale(self) -> float:
+        return MAX_SKIP_PROB / min(w for w in self.weights if w > 0)
+
+    @property
+    def max_total(self) -> float:
+        return MAX_SKIP_PROB * sum(w > 0 for w in self.weights)
+
+    def loss(self, probs: list[float]) -> float:
+        if self.delta is None:
+            return math.nan
+        return float(sum(p * max(d, 0.0) for p, d in zip(probs, self.delta)))
+
+    def scale_for_total(self, total: float) -> float:
+        """Smallest scale (within 1e-12) whose ``sum_l p_l`` reaches ``total``."""
+        lo, hi = 0.0, self.top_scale
+        for _ in range(80):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if sum(self.probs(mid)) < total else (lo, mid)
+        return hi
+
+    def scale_for_loss(self, tolerance: float) -> float:
+        """Largest scale whose predicted loss stays within ``tolerance``."""
+        lo, hi = 0.0, self.top_scale
+        if self.loss(self.probs(hi)) <= tolerance:
+            return hi
+        for _ in range(80):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if self.loss(self.probs(mid)) <= tolerance else (lo, mid)
+        return lo
+
+
+def _layer_model(df: pd.DataFrame, num_layers: int, steps_range: tuple[int, int] | None,
+                 ) -> tuple[_Layers | None, dict]:
+    """The skip shape of a stage (None if no skippable layer is measured) and its provenance."""
+    metric, sens = None, {}
+    for metric in ("skip_loss_delta", "block_influence"):
+        values = _per_checkpoint_layer(df, metric).max(axis=0)
+        sens = {int(l): float(v) for l, v in values.items() if np.isfinite(v)}
+        if sens:
+            break
+    else:
+        metric = None
+    info: dict = {"metric": metric, "values": [sens.get(l) for l in range(num_layers)]}
+    eligible = [l for l in range(1, num_layers - 1) if l in sens]
+    if not eligible:
+        info["reason"] = "no skippable layer measured (first and last are never skipped)"
+        return None, info
+    clipped = {l: max(sens[l], 0.0) for l in eligible}
+    ref = float(np.median(list(clipped.values()))) or float(np.mean(list(clipped.values())))
+    weights = [0.0] * num_layers
+    for l in eligible:
+        weights[l] = 1.0 if ref <= 0 else ref / (clipped[l] + ref)
+    delta = None
+    if metric == "skip_loss_delta":
+        delta = [sens.get(l, 0.0) if weights[l] > 0 else 0.0 for l in range(num_layers)]
+    # The decay follows the need of the layers that will skip most (the less sensitive half).
+    low = [l for l in eligible if clipped[l] <= ref]
+    signal = "block_influence" if not _per_checkpoint_layer(df, "block_influence").empty else metric
+    table = _per_checkpoint_layer(df, signal)[low].dropna(how="all")
+    need = table.mean(axis=1)
+    if len(need) >= 2:
+        decay, fit = fit_decay(_progress(list(need.index), steps_range), list(need.values))
+    else:
+        decay, fit = "linear", {"reason": "fewer than two checkpoints; linear by default"}
+    info["decay"] = {"signal": signal, "layers": low, "need": list(need.values), "curve": decay, **fit}
+    return _Layers(weights, delta, decay), info
+
+
+def _token_options(df: pd.DataFrame) -> list[dict]:
+    """Measured (method, keep_ratio) with the max ``compress_loss_delta`` over checkpoints."""
+    m = df[(df["metric"] == "compress_loss_delta") & df["method"].isin(
+        ["uniform", "random", "text_guided", "merge"]) & (df["keep_ratio"] > 0) & (df["keep_ratio"] < 1)]
+    if m.empty:
+        return []
+    per = m.groupby(["method", "keep_ratio", "step"])["value"].mean().groupby(["method", "keep_ratio"]).max()
+    return [{"method": str(k[0]), "keep_ratio": float(k[1]), "loss_delta": float(v)}
+            for k, v in per.items() if np.isfinite(v)]
+
+
+def _token_trend(df: pd.DataFrame, steps_range: tuple[int, int] | None) -> tuple[float, str, dict]:
+    """(relax factor for keep_ratio_end, curve, provenance) from the token redundancy trend."""
+    metric = next((m for m in ("mergeable_frac", "neighbor_cosine") if (df["metric"] == m).any()), None)
+    need = 1.0 - df[df["metric"] == metric].groupby("step")["value"].mean().sort_index()
+    if metric is None or len(need) < 2:
+        return 1.0, "constant", {"metric": metric, "reason": "fewer than two checkpoints; constant"}
+    curve, fit = fit_decay(_progress(list(need.index), steps_range), list(need.values))
+    factor = 1.0 if curve == "constant" else float(need.iloc[-1] / need.iloc[0])
+    return factor, curve, {"metric": metric, "need": list(need.values), "curve": curve,
+                           "keep_ratio_end_factor": factor, **fit}
+
+
+def _tokens(method: str | None, ratio: float, relax: float, curve: str) -> TokenSparsity | None:
+    if method is None:
+        return None
+    end = round(min(1.0, ratio * relax), 4) if relax > 1.0 else ratio
+    return TokenSparsity(method, ratio, end, curve if end != ratio else "constant")
+
+
+def _choose(options: list[dict], layer_model: _Layers | None, relax: float, curve: str,
+            budget: Budget, cost_args: dict) -> dict:
+    """Evaluate the token options (plus layer skipping) against the budget; return the best."""
+    decay = "constant" if layer_model is None else layer_model.decay
+    n_layers = cost_args["num_layers"]
+    candidates = []
+
+    def add(kind: str, method: str | None, ratio: float, token_delta: float, measured: float | None) -> None:
+        tok = _tokens(method, ratio, relax, curve)
+        cost = _cost(tok, decay, **cost_args)
+        probs = [0.0] * n_layers
+        if budget.target_speedup is not None:
+            need = (cost.base - cost.dense / budget.target_speedup) / cost.fa
+            if need > 0 and layer_model is not None:
+                scale = layer_model.scale_for_total(min(need, layer_model.max_total))
+                probs = [min(MAX_SKIP_PROB, math.ceil(p * 1e4) / 1e4) for p in layer_model.probs(scale)]
+        elif layer_model is not None and layer_model.delta is not None:
+            scale = layer_model.scale_for_loss(budget.max_loss_increase - token_delta)
+            probs = [math.floor(p * 1e4) / 1e4 for p in layer_model.probs(scale)]
+        total = sum(probs)
+        layer_loss = 0.0 if total == 0 else (math.nan if layer_model is None else layer_model.loss(probs))
+        candidates.append({
+            "kind": kind, "tokens": tok, "skip_prob": probs, "token_loss_delta": token_delta,
+            "bound_from_keep_ratio": measured, "predicted_speedup": cost.speedup(total),
+            "layer_loss": layer_loss, "unknown_layer_loss": total if math.isnan(layer_loss) else 0.0,
+            "predicted_loss_increase": token_delta + (0.0 if math.isnan(layer_loss) else layer_loss),
+        })
+
+    add("dense tokens", None, 1.0, 0.0, None)
+    for opt in options:
+        if budget.max_loss_increase is None or opt["loss_delta"] <= budget.max_loss_increase:
+            add("measured token option", opt["method"], opt["keep_ratio"], opt["loss_delta"], opt["keep_ratio"])
+    if budget.target_speedup is not None:
+        for method in sorted({o["method"] for o in options}):
+            measured = sorted((o["keep_ratio"], o["loss_delta"]) for o in options if o["method"] == method)
+            ratio = _ratio_for_target(method, measured[0][0], relax, curve, budget.target_speedup, cost_args)
+            if ratio is not None:
+                bound = max(r for r, _ in measured if r <= ratio)
+                add("token ratio between measured ones", method, ratio, dict(measured)[bound], bound)
+        target = budget.target_speedup
+        met = [c for c in candidates if c["predicted_speedup"] >= target * (1 - 1e-9)]
+        if met:
+            best = min(met, key=lambda c: (c["unknown_layer_loss"], c["predicted_loss_increase"],
+                                           c["predicted_speedup"]))
+        else:
+            best = max(candidates, key=lambda c: c["predicted_speedup"])
+        best["target_met"] = bool(met)
+    else:
+        best = min(candidates, key=lambda c: (-round(c["predicted_speedup"], 9), c["predicted_loss_increase"]))
+    best["candidates"] = len(candidates)
+    return best
+
+
+def _ratio_for_target(method: str, lowest: float, relax: float, curve: str, target: float,
+                      cost_args: dict) -> float | None:
+    """Largest start keep ratio (floored to 1e-3, >= ``lowest``) whose tokens alone reach ``target``."""
+    def speedup(r: float) -> float:
+        return _cost(_tokens(method, r, relax, curve), "constant", **cost_args).speedup(0.0)
+
+    if speedup(lowest) < target:
+        return None
+    lo, hi = lowest, 1.0
+    for _ in range(30):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if speedup(mid) >= target else (lo, mid)
+    return max(lowest, math.floor(lo * 1e3) / 1e3)
+
+
+# ---------------------------------------------------------------------------- public entry points
+
+def _plain(obj: Any) -> Any:
+    """YAML-safe copy: numpy scalars to Python, floats to 6 significant digits, NaN/inf to None."""
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, np.ndarray, pd.Index)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(f"{float(obj):.6g}") if math.isfinite(obj) else None
+    if obj is None or isinstance(obj, str):
+        return obj
+    return str(obj)
+
+
+def _empty(df: pd.DataFrame | None) -> pd.DataFrame:
+    columns = ["checkpoint", "step", "stage", "layer", "token_type", "metric", "method", "keep_ratio",
+               "threshold", "value"]
+    return pd.DataFrame(columns=columns) if df is None else df
+
+
+def _ordered_stages(names: list[str], stage_steps: Mapping[str, tuple[int, int]] | None,
+                    ) -> list[tuple[str, StepRange | None]]:
+    if stage_steps is None:
+        return [(n, None) for n in names]
+    missing = [n for n in names if n not in stage_steps]
+    if missing:
+        raise StsError(f"stage_steps has no step range for stage {missing[0]!r}; give [start, end) for"
+                       f" every measured stage ({', '.join(names)}) or none")
+    ranges = [(n, StepRange(int(stage_steps[n][0]), int(stage_steps[n][1]))) for n in names]
+    return sorted(ranges, key=lambda item: item[1].start)
+
+
+def derive_schedule(layers: pd.DataFrame | None, tokens: pd.DataFrame | None, *, num_layers: int,
+                    num_visual_tokens: int, budget: Budget, provenance: Mapping,
+                    stage_steps: Mapping[str, tuple[int, int]] | None = None,
+                    dims: LayerDims | None = None, text_len: int | None = None,
+                    llm_frozen: Mapping[str, bool] | None = None) -> Schedule:
+    """Derive a schedule, stage by stage, from the profiler's tables (rules in the module doc).
+
+    Args:
+        layers, tokens: the profiler's tidy tables (either may be None or empty).
+        num_layers, num_visual_tokens: static model facts (decoder layers, tokens per image).
+        budget: a :class:`Budget`; policy ``paper`` returns :func:`paper_schedule`.
+        provenance: extra facts for ``source`` (e.g. the tables folder).
+        stage_steps: ``{stage: (start, end)}`` global step ranges; None gives unranged stages
+            that ``sts-train`` runs by name.
+        dims: layer sizes for the analytic FLOPs; None: cost proportional to sequence length.
+        text_len: text tokens per sample; None is taken as 0 (token speedups are upper bounds).
+        llm_frozen: ``{stage: bool}`` overriding the frozen-LLM detection.
+
+    Returns:
+        A validated :class:`Schedule` whose ``source`` holds the measurements used, the
+        budget and the predicted speedup per stage.
+
+    Raises:
+        StsError: empty tables, layers beyond ``num_layers``, or missing stage step ranges.
+    """
+    layers, tokens = _empty(layers), _empty(tokens)
+    if budget.policy == "paper":
+        return paper_schedule(alpha=budget.alpha, eps=budget.eps, provenance=provenance,
+                              stage_steps=stage_steps)
+    names = _stage_order(layers, tokens)
+    if not names:
+        raise StsError("the tables hold no measurements; run `sts-profile analyze` on a run first")
+    if not layers.empty and int(layers["layer"].max()) >= num_layers:
+        raise StsError(f"the layer table has layer {int(layers['layer'].max())} but num_layers ="
+                       f" {num_layers}; pass the model's number of decoder layers")
+    frozen_measured = set(frozen_stages(layers))
+    cost_args = {"num_layers": num_layers, "dims": dims, "text_len": int(text_len or 0),
+                 "num_visual_tokens": num_visual_tokens}
+    stages, derivation = [], {}
+    for name, steps in _ordered_stages(names, stage_steps):
+        rng = None if steps is None else (steps.start, steps.end)
+        ldf, tdf = layers[layers["stage"] == name], tokens[tokens["stage"] == name]
+        n_ckpt = len(_checkpoints(ldf, tdf))
+        if llm_frozen is not None and name in llm_frozen:
+            frozen, by = bool(llm_frozen[name]), "given"
+        elif ldf["checkpoint"].nunique() >= 2:
+            frozen, by = name in frozen_measured, "measured: layer metrics across checkpoints"
+        else:
+            frozen, by = name == "alignment", "stage name (one checkpoint: cannot be measured)"
+        layer_model, layer_info = (None, {"reason": "LLM frozen in this stage"}) if frozen else \
+            _layer_model(ldf, num_layers, rng)
+        options = _token_options(tdf)
+        relax, curve, trend = _token_trend(tdf, rng)
+        best = _choose(options, layer_model, relax, curve, budget, cost_args)
+        lay = None
+        if any(p > 0 for p in best["skip_prob"]):
+            lay = LayerSparsity("per_layer", skip_prob=tuple(best["skip_prob"]), decay=layer_model.decay)
+        stage = Stage(name, steps=steps, tokens=best["tokens"], layers=lay)
+        stages.append(stage)
+        speedup = predicted_speedup(Schedule(SCHEMA_VERSION, {}, (stage,)), stage=name, **cost_args)
+        derivation[name] = {
+            "checkpoints": [{"checkpoint": c, "step": s} for c, s, _ in _checkpoints(ldf, tdf)],
+            "llm_frozen": frozen, "llm_frozen_by": by,
+            "token_options": options, "token_trend": trend, "layer_sensitivity": layer_info,
+            "choice": {k: best[k] for k in ("kind", "token_loss_delta", "bound_from_keep_ratio",
+                                            "layer_loss", "predicted_loss_increase", "candidates")},
+            "predicted_speedup": speedup,
+        }
+        if budget.target_speedup is not None:
+            derivation[name]["choice"]["derived_tolerance"] = best["predicted_loss_increase"]
+            derivation[name]["target_met"] = best["target_met"]
+            if not best["target_met"]:
+                warnings.warn(f"stage {name!r}: target speedup {budget.target_speedup} is not reachable"
+                              f" with the measured options; best predicted {speedup:.3f}", stacklevel=2)
+        if n_ckpt < 2:
+            derivation[name]["note"] = "one checkpoint: no trend could be measured"
+    notes = [] if text_len is not None else ["text_len unknown: taken as 0, token speedups are upper bounds"]
+    source = {
+        **dict(provenance), "tool": "sts-profile", "version": _version(), "policy": "profile",
+        "budget": {k: v for k, v in asdict(budget).items() if v is not None and k not in ("alpha", "eps")},
+        "model": {"num_layers": num_layers, "num_visual_tokens": num_visual_tokens, "text_len": text_len,
+                  "dims": None if dims is None else asdict(dims)},
+        "cost_model": "analytic LLM FLOPs (sts_train.flops)" if dims else "proportional to sequence length",
+        "checkpoints": [{"checkpoint": c, "step": s, "stage": g} for c, s, g in _checkpoints(layers, tokens)],
+        "predicted_speedup": {n: r["predicted_speedup"] for n, r in derivation.items()},
+        "derivation": derivation, "notes": notes,
+    }
+    return Schedule(SCHEMA_VERSION, _plain(source), tuple(stages))
+
+
+def _version() -> str:
+    from sts_profile import __version__
+
+    return __version__
+
+
+def paper_schedule(*, alpha: float, eps: float, provenance: Mapping, token_method: str = "uniform",
+                   keep_ratio: float = 0.25, never_skip: tuple[int, ...] = (0, -1),
+                   stage_steps: Mapping[str, tuple[int, int]] | None = None) -> Schedule:
+    """The paper's fixed schedule: alignment compresses tokens, instruction skips layers.
+
+    ``p_l(x) = alpha * (1 - x)**2 * (1 + eps * (2l - (L-1)) / (L-1))`` (arXiv 2509.18150).
+
+    Raises:
+        StsError: alpha/eps or keep_ratio outside the contract, or missing stage ranges.
+    """
+    Budget(policy="paper", alpha=alpha, eps=eps)
+    names = ["alignment", "instruction"]
+    parts = {"alignment": {"tokens": TokenSparsity(token_method, keep_ratio)},
+             "instruction": {"layers": LayerSparsity("paper", alpha=alpha, eps=eps, never_skip=tuple(never_skip))}}
+    stages = tuple(Stage(n, steps=r, **parts[n]) for n, r in _ordered_stages(names, stage_steps))
+    source = {**dict(provenance), "tool": "sts-profile", "version": _version(), "policy": "paper",
+              "formula": "p_l(x) = alpha * (1 - x)**2 * (1 + eps * (2l - (L-1)) / (L-1))",
+              "alpha": alpha, "eps": eps, "token_method": token_method, "keep_ratio": keep_ratio}
+    return Schedule(SCHEMA_VERSION, _plain(source), stages)
+
+
+def _read_table(folder: Path, name: str) -> pd.DataFrame | None:
+    for path, reader in ((folder / f"{name}.parquet", pd.read_parquet), (folder / f"{name}.csv", pd.read_csv)):
+        if path.is_file():
+            try:
+                df = reader(path)
+            except Exception as exc:  # noqa: BLE001 - any reader failure is a bad file
+                raise StsError(f"{path}: cannot be read ({type(exc).__name__}); re-run `sts-profile"
+                               " analyze` to rewrite it") from None
+            if "method" in df:
+                df["method"] = df["method"].fillna("")
+            return df
+    return None
+
+
+def derive_from_tables_dir(tables_dir: str | Path, budget: Budget, out_path: str | Path,
+                           overwrite: bool = False) -> Path:
+    """Read an analysis folder (tables + ``analysis.json``), derive and write ``schedule.yaml``.
+
+    Args:
+        tables_dir: folder with ``layers.parquet``, ``tokens.parquet`` (CSV also read) and
+            ``analysis.json`` (num_layers, num_visual_tokens, text_len, dims, optional
+            stage_steps and llm_frozen; missing optional keys are tolerated).
+        budget: the :class:`Budget`.
+        out_path: where to write the schedule (atomically).
+        overwrite: replace an existing file.
+
+    Returns:
+        The path written.
+
+    Raises:
+        StsError: not an analysis folder, unreadable tables, missing model facts, an existing
+            output without ``overwrite``.
+    """
+    tables_dir, out_path = Path(tables_dir), Path(out_path)
+    if not tables_dir.is_dir():
+        raise StsError(f"{tables_dir}: not a folder; pass the --out folder of `sts-profile analyze`")
+    if out_path.exists() and not overwrite:
+        raise StsError(f"{out_path} already exists; pass --overwrite to replace it")
+    manifest_path, manifest = tables_dir / "analysis.json", {}
+    if manifest_path.is_file():
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise StsError(f"{manifest_path}: not valid JSON; re-run `sts-profile analyze`") from None
+    layers, tokens = _read_table(tables_dir, "layers"), _read_table(tables_dir, "tokens")
+    if budget.policy == "profile" and layers is None and tokens is None:
+        raise StsError(f"{tables_dir}: no layers.parquet or tokens.parquet; pass the --out folder of"
+                       " `sts-profile analyze`")
+    num_layers = manifest.get("num_layers")
+    if num_layers is None and layers is not None and not layers.empty:
+        num_layers = int(layers["layer"].max()) + 1
+    num_visual = manifest.get("num_visual_tokens")
+    if budget.policy == "profile" and (num_layers is None or num_visual is None):
+        key = "num_layers" if num_layers is None else "num_visual_tokens"
+        raise StsError(f"{manifest_path}: key {key} is missing; re-run `sts-profile analyze` to write it")
+    dims_d = manifest.get("dims") or {}
+    keys = [f.name for f in fields(LayerDims)]
+    dims = LayerDims(**{k: int(dims_d[k]) for k in keys}) if all(k in dims_d for k in keys) else None
+    steps = manifest.get("stage_steps")
+    provenance = {"tables": str(tables_dir)}
+    schedule = derive_schedule(
+        layers, tokens, num_layers=int(num_layers or 1), num_visual_tokens=int(num_visual or 1),
+        budget=budget, provenance=provenance, dims=dims, text_len=manifest.get("text_len"),
+        stage_steps=None if not steps else {k: tuple(v) for k, v in steps.items()},
+        llm_frozen=manifest.get("llm_frozen"))
+    return dump_schedule(schedule, out_path, overwrite=overwrite)

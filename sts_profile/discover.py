@@ -1,0 +1,253 @@
+"""Find the checkpoints of a training run, in order, tagged with their step and stage.
+
+Layouts understood (``sts-profile analyze PATH``)::
+
+    PATH/checkpoint-10/ checkpoint-20/ ...        an HF Trainer output_dir (sorted by N as a number)
+    PATH/modelA/ modelB/ ...                      a folder of model folders (each has config.json)
+    PATH/alignment/checkpoint-N/ PATH/instruction/checkpoint-N/
+                                                  a run with one sub-run per stage
+    PATH/config.json                              a single model folder
+
+The step of a checkpoint is ``global_step`` from its ``trainer_state.json`` (plain JSON), else
+the trailing number of its folder name, else its position in name order. Its stage is the
+``stage.name`` of the ``sts_run.yaml`` that ``sts-train`` writes into a run folder, else the
+name of the stage sub-folder it sits in, else ``"unknown"``. A final model that a Trainer
+saves into the run folder itself (next to ``checkpoint-N/``) is not analyzed separately: it
+repeats the last checkpoint.
+
+Nothing from a checkpoint is executed or unpickled here: only ``config.json``,
+``trainer_state.json`` and ``sts_run.yaml`` are read, as JSON/YAML text.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from sts_train.errors import ModelError
+
+RUN_CONFIG_FILE = "sts_run.yaml"  # written by sts_train.train into a run's output_dir
+KNOWN_STAGES = ("alignment", "instruction")  # stage sub-folders sort in this order first
+
+# Config keys whose values must agree for two checkpoints to be "the same architecture".
+_SHAPE_KEYS = {
+    "text_config": ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size"),
+    "vision_config": ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
+                      "num_attention_heads", "image_size", "patch_size"),
+}
+
+
+class TrendWarning(UserWarning):
+    """Emitted when a run has a single checkpoint: per-checkpoint values, but no trends."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One model folder of a run.
+
+    Attributes:
+        path: the model folder (holds ``config.json`` and the weights).
+        name: unique label inside the analyzed folder, e.g. ``alignment/checkpoint-20``.
+        step: optimizer step of the checkpoint.
+        stage: training stage tag (``alignment``, ``instruction``, ... or ``unknown``).
+        run: the run folder the checkpoint belongs to.
+    """
+
+    path: Path
+    name: str
+    step: int
+    stage: str
+    run: Path
+
+
+def is_model_folder(path: Path) -> bool:
+    """True when ``path`` is a folder with a ``config.json``."""
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def _children(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _trailing_number(name: str) -> int | None:
+    match = re.search(r"(\d+)$", name)
+    return int(match.group(1)) if match else None
+
+
+def _global_step(folder: Path) -> int | None:
+    state = folder / "trainer_state.json"
+    if not state.is_file():
+        return None
+    try:
+        step = json.loads(state.read_text()).get("global_step")
+    except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+        return None
+    return int(step) if isinstance(step, (int, float)) and not isinstance(step, bool) else None
+
+
+def run_stage(run: Path) -> str | None:
+    """``stage.name`` from a run folder's ``sts_run.yaml`` (None when absent or unreadable)."""
+    config = run / RUN_CONFIG_FILE
+    if not config.is_file():
+        return None
+    try:
+        data = yaml.safe_load(config.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError):
+        return None
+    stage = (data or {}).get("stage") if isinstance(data, dict) else None
+    name = stage.get("name") if isinstance(stage, dict) else None
+    return name if isinstance(name, str) and name else None
+
+
+def _run_checkpoints(run: Path, root: Path, stage: str) -> list[Checkpoint]:
+    """The model folders directly inside ``run``, ordered by step."""
+    models = [p for p in _children(run) if is_model_folder(p)]
+    found = []
+    for index, folder in enumerate(sorted(models, key=lambda p: (_trailing_number(p.name) is None,
+                                                                 _trailing_number(p.name) or 0, p.name))):
+        step = _global_step(folder)
+        if step is None:
+            step = _trailing_number(folder.name)
+        if step is None:
+            step = index
+        found.append(Checkpoint(path=folder, name=folder.relative_to(root).as_posix(), step=step,
+                                stage=stage, run=run))
+    return sorted(found, key=lambda c: (c.step, c.name))
+
+
+def _stage_order(name: str) -> tuple:
+    return (KNOWN_STAGES.index(name), "") if name in KNOWN_STAGES else (len(KNOWN_STAGES), name)
+
+
+def architecture(folder: Path) -> dict:
+    """The shape facts of a model folder's ``config.json`` that must agree across a run."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ModelError(f"{folder / 'config.json'}: not valid JSON; re-save the model with save_pretrained") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{folder / 'config.json'}: not a JSON object; re-save the model with save_pretrained")
+    facts = {"model_type": config.get("model_type")}
+    for section, keys in _SHAPE_KEYS.items():
+        sub = config.get(section) or {}
+        for key in keys:
+            facts[f"{section}.{key}"] = sub.get(key) if isinstance(sub, dict) else None
+    return facts
+
+
+def check_same_architecture(checkpoints: list[Checkpoint], root: Path) -> None:
+    """Raise when two checkpoints have different model shapes.
+
+    Raises:
+        ModelError: naming the first differing key and both folders.
+    """
+    first = checkpoints[0]
+    reference = architecture(first.path)
+    for ckpt in checkpoints[1:]:
+        facts = architecture(ckpt.path)
+        for key, value in reference.items():
+            if facts[key] != value:
+                raise ModelError(
+                    f"{root}: checkpoints have different architectures ({first.name} has {key}={value}, "
+                    f"{ckpt.name} has {key}={facts[key]}); analyze each architecture's run separately"
+                )
+
+
+def discover_checkpoints(path: str | Path) -> list[Checkpoint]:
+    """All checkpoints under ``path``, in training order (stage, then step).
+
+    Args:
+        path: a run folder, a folder of model folders, a run with stage sub-folders, or one
+            model folder (see the module docstring).
+
+    Returns:
+        The checkpoints, ordered by stage (``alignment`` before ``instruction``, other stage
+        names after them by name) and then by step.
+
+    Raises:
+        ModelError: ``path`` is not a run or model folder (no ``config.json`` in it, its
+            sub-folders or their sub-folders), or its checkpoints have different architectures.
+
+    Warns:
+        TrendWarning: only one checkpoint was found (trends need two or more).
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise ModelError(f"{root}: not a run or model folder (no such directory); pass a Trainer "
+                         "output_dir with checkpoint-N/ folders or a model folder")
+    if is_model_folder(root) and not any(is_model_folder(p) for p in _children(root)):
+        stage = run_stage(root) or run_stage(root.parent) or "unknown"
+        step = _global_step(root)
+        step = step if step is not None else (_trailing_number(root.name) or 0)
+        found = [Checkpoint(path=root, name=root.name, step=step, stage=stage, run=root)]
+    else:
+        found = _run_checkpoints(root, root, run_stage(root) or "unknown")
+        stage_runs = [p for p in _children(root)
+                      if not is_model_folder(p) and any(is_model_folder(c) for c in _children(p))]
+        staged = []
+        for run in stage_runs:
+            staged += _run_checkpoints(run, root, run_stage(run) or run.name)
+        found = sorted(found + staged, key=lambda c: (_stage_order(c.stage), c.step, c.name))
+    if not found:
+        raise ModelError(f"{root}: not a run or model folder (no config.json in it or its sub-folders); "
+                         "pass a Trainer output_dir with checkpoint-N/ folders or a model folder")
+    check_same_architecture(found, root)
+    if len(found) == 1:
+        warnings.warn(f"{root}: only one checkpoint ({found[0].name}); it is analyzed, but trends "
+                      "across training need two or more checkpoints", TrendWarning, stacklevel=2)
+    return found
+
+
+def check_weights(folder: Path) -> None:
+    """Check that a checkpoint's weight files are complete, without loading (or unpickling) them.
+
+    Every ``*.safetensors`` header is parsed, which also detects a truncated file (the header
+    then describes more bytes than the file holds). ``*.bin`` files are not opened here: they
+    are read later with ``torch.load(weights_only=True)`` inside transformers.
+
+    Raises:
+        ModelError: no weight file, or a safetensors file that is truncated or corrupt.
+    """
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files and not any(folder.glob("*.bin")):
+        raise ModelError(f"{folder}: no weight file (model.safetensors); the checkpoint is incomplete, "
+                         "re-save it or remove it from the run")
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                handle.keys()
+        except Exception as exc:  # safetensors raises its own error types for damaged headers
+            reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+            raise ModelError(f"{file}: weight file is truncated or corrupt ({reason}); re-save the "
+                             "checkpoint or remove it from the run") from None
+
+
+def has_tokenizer(folder: Path) -> bool:
+    return (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file()
+
+
+def processor_folder(checkpoints: list[Checkpoint], root: Path) -> Path:
+    """The folder to load the processor (tokenizer + image processor) from.
+
+    The first checkpoint that holds a tokenizer, else its run folder, else ``root``.
+
+    Raises:
+        ModelError: no tokenizer anywhere in the run.
+    """
+    for ckpt in checkpoints:
+        if has_tokenizer(ckpt.path):
+            return ckpt.path
+    for folder in [*dict.fromkeys(c.run for c in checkpoints), root]:
+        if has_tokenizer(folder):
+            return folder
+    first = checkpoints[0].path
+    raise ModelError(f"{first}: no tokenizer in the checkpoint or its run folder; save the processor "
+                     "there with processor.save_pretrained(folder) (or pass processing_class to the Trainer)")

@@ -1,0 +1,164 @@
+"""Functional probes: what really happens to the loss when a layer or visual tokens go.
+
+Cosine scores only moderately predict impact, so these run the model again with the trainer's
+own sparsity machinery (:class:`sts_train.skipper.LayerSkipper`,
+:class:`sts_train.compress.TokenCompressor`, both forced on in eval mode): the probe measures
+exactly what training with the schedule would do.
+
+Over the supervised positions ``n`` of all batches (labels != -100, shifted as in causal LM
+training), with ``p`` the dense and ``p~`` the probed next-token distribution::
+
+    dense_loss          = mean_n  -log p(y_n)
+    skip_loss_delta[l]  = mean_n  -log p~(y_n | layer l skipped)  - dense_loss
+    skip_kl[l]          = mean_n  sum_v p(v) (log p(v) - log p~(v))          (KL(dense || skipped))
+    compress_loss_delta[method, r] = mean_n -log p~(y_n | visual tokens compressed to r) - dense_loss
+
+Skipping layer ``l`` returns its input unchanged, which is exactly the model with the layer
+removed. ``random`` compression uses a generator seeded from (seed, batch index, keep ratio),
+so repeated analyses give the same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+
+from sts_train.compress import COMPRESSORS, TokenCompressor
+from sts_train.errors import ScheduleError
+from sts_train.skipper import LayerSkipper
+
+KEEP_RATIOS = (0.5, 0.25, 0.125)
+IGNORE_INDEX = -100
+
+
+def supervised_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities (float32) at the positions that predict a supervised token.
+
+    Returns:
+        ``(log_probs (n, V), targets (n,))`` where position ``i`` predicts ``labels[i + 1]``.
+    """
+    shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
+    keep = shift_labels != IGNORE_INDEX
+    return F.log_softmax(shift_logits[keep].float(), dim=-1), shift_labels[keep]
+
+
+def nll_sum(log_probs: torch.Tensor, targets: torch.Tensor) -> float:
+    """Sum of ``-log p(target)`` over positions."""
+    return float(-log_probs.gather(-1, targets[:, None]).sum())
+
+
+def kl_sum(dense_log_probs: torch.Tensor, probe_log_probs: torch.Tensor) -> float:
+    """Sum over positions of ``KL(dense || probe)``."""
+    return float((dense_log_probs.exp() * (dense_log_probs - probe_log_probs)).sum())
+
+
+class ProbeRunner:
+    """Layer-skip and token-compression probes, accumulated over batches.
+
+    Args:
+        model: the model (eval mode); the skipper and compressor are attached until ``remove()``.
+        parts: its :class:`sts_train.adapters.ModelParts`.
+        pad_token_id: id that fills re-padded rows after compression.
+        skip_layers: probe skipping each decoder layer.
+        methods: compressor methods to probe (default: all of ``COMPRESSORS``).
+        keep_ratios: visual-token keep ratios to probe.
+        seed: seed of the ``random`` compressor's generators.
+
+    Call ``run_batch(batch, dense_logits, batch_index)`` per batch with the logits of the
+    dense forward (the passive collection's), then ``layer_rows()`` / ``token_rows()``.
+    """
+
+    def __init__(self, model, parts, pad_token_id: int, *, skip_layers: bool = True,
+                 methods: Iterable[str] | None = None, keep_ratios: Iterable[float] = KEEP_RATIOS,
+                 seed: int = 0):
+        self.model, self.parts, self.seed = model, parts, seed
+        self.skip_layers = skip_layers
+        self.methods = list(COMPRESSORS if methods is None else methods)
+        self.keep_ratios = tuple(keep_ratios)
+        self.skipper = LayerSkipper(parts.decoder_layers)
+        self.compressor = TokenCompressor(model, parts, pad_token_id)
+        self.compressor.force = True
+        self.notes: list[str] = []
+        self._tokens = 0
+        self._dense = 0.0
+        self._skip = {layer: [0.0, 0.0] for layer in range(parts.num_layers)}  # nll, kl sums
+        self._compress = {(m, r): 0.0 for m in self.methods for r in self.keep_ratios}
+        self._failed: set[str] = set()
+
+    def _forward(self, batch: dict):
+        with torch.no_grad():
+            return self.model(**batch)
+
+    def run_batch(self, batch: dict, dense_logits: torch.Tensor, batch_index: int) -> None:
+        """Accumulate every probe on one batch."""
+        labels = batch["labels"]
+        dense_lp, targets = supervised_logprobs(dense_logits, labels)
+        n = targets.numel()
+        if n == 0:
+            return
+        self._tokens += n
+        self._dense += nll_sum(dense_lp, targets)
+        if self.skip_layers:
+            for layer in range(self.parts.num_layers):
+                with self.skipper.skipping({layer}, force=True):
+                    logits = self._forward(batch).logits
+                probe_lp, _ = supervised_logprobs(logits, labels)
+                self._skip[layer][0] += nll_sum(probe_lp, targets)
+                self._skip[layer][1] += kl_sum(dense_lp, probe_lp)
+        if "pixel_values" not in batch:
+            for key in self._compress:  # nothing to compress: the loss is the dense loss
+                self._compress[key] += nll_sum(dense_lp, targets)
+            return
+        for method in self.methods:
+            if method in self._failed:
+                continue
+            for r_index, ratio in enumerate(self.keep_ratios):
+                generator = torch.Generator().manual_seed(self.seed * 1_000_003 + batch_index * 1009 + r_index)
+                self.compressor.set(method, ratio, generator=generator)
+                try:
+                    loss = self._forward(batch).loss
+                except ScheduleError as exc:  # text_guided on samples without instruction text
+                    self._failed.add(method)
+                    self.notes.append(f"token probe {method!r} left out: {exc}")
+                    break
+                finally:
+                    self.compressor.set(None, 1.0)
+                # the HF loss is the mean over the same supervised tokens (only image
+                # placeholders, all unsupervised, are dropped by compression)
+                self._compress[(method, ratio)] += float(loss.float()) * n
+
+    def layer_rows(self) -> list[dict]:
+        """Rows ``{layer, token_type="all", metric, value}`` of skip_loss_delta and skip_kl."""
+        if not self.skip_layers or self._tokens == 0:
+            return []
+        dense = self._dense / self._tokens
+        rows = []
+        for layer, (nll, kl) in self._skip.items():
+            rows.append({"layer": layer, "token_type": "all", "metric": "skip_loss_delta",
+                         "value": nll / self._tokens - dense})
+            rows.append({"layer": layer, "token_type": "all", "metric": "skip_kl", "value": kl / self._tokens})
+        return rows
+
+    def token_rows(self) -> list[dict]:
+        """Rows ``{layer=-1, metric, method, keep_ratio, threshold, value}``: dense_loss and
+        compress_loss_delta per method and keep ratio."""
+        nan = math.nan
+        if self._tokens == 0:
+            return []
+        dense = self._dense / self._tokens
+        rows = [{"layer": -1, "metric": "dense_loss", "method": "", "keep_ratio": nan,
+                 "threshold": nan, "value": dense}]
+        for (method, ratio), total in self._compress.items():
+            if method in self._failed:
+                continue
+            rows.append({"layer": -1, "metric": "compress_loss_delta", "method": method,
+                         "keep_ratio": ratio, "threshold": nan, "value": total / self._tokens - dense})
+        return rows
+
+    def remove(self) -> None:
+        """Detach the skipper and the compressor."""
+        self.skipper.remove()
+        self.compressor.remove()

@@ -1,0 +1,414 @@
+"""``sts-profile analyze`` end to end on a checkpoint series written by the plain HF Trainer.
+
+    PYTHONPATH=. .venv/bin/pytest tests/test_profile_analyze.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from sts_profile.cli import app
+
+NUM_LAYERS = 2
+STEPS = (1, 2, 3)
+TOKEN_METRICS_PER_CKPT = NUM_LAYERS * 3 + 1 + 3 + 1 + 4 * 3  # attention, neighbour, mergeable, dense, probes
+
+cli_runner = CliRunner()
+_DATA: dict = {}  # the calibration JSON, set once by the autouse fixture below
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _remember_data(shapes_dir):
+    _DATA["json"] = shapes_dir["instruction"]
+
+
+def _cli(*args):
+    return cli_runner.invoke(app, [str(a) for a in args])
+
+
+def _one_line_error(result, *fragments):
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def trainer_run(tmp_path_factory, shapes_dir, test_processor):
+    """Three checkpoints of the test-size model, written by ``transformers.Trainer`` itself into a
+    stage sub-folder: ``run/instruction/checkpoint-{1,2,3}``."""
+    from transformers import Trainer, TrainingArguments
+
+    from sts_train.data import LlavaCollator, LlavaDataset
+    from sts_train.factory import build_model
+
+    root = tmp_path_factory.mktemp("hf") / "run"
+    dataset = LlavaDataset(shapes_dir["instruction"], None, test_processor, num_image_tokens=16)
+    args = TrainingArguments(
+        output_dir=str(root / "instruction"), max_steps=len(STEPS), save_steps=1, per_device_train_batch_size=2,
+        learning_rate=5e-3, report_to=[], use_cpu=True, logging_steps=1, save_only_model=True,
+        disable_tqdm=True, seed=0)
+    trainer = Trainer(model=build_model("test", seed=0), args=args, train_dataset=dataset,
+                      data_collator=LlavaCollator(test_processor.tokenizer.pad_token_id),
+                      processing_class=test_processor)
+    trainer.train()
+    return root
+
+
+def _analyze(run, out, *extra, data=True):
+    """Analyze with 4 samples in one batch; the plain Trainer leaves no record of its data."""
+    flags = ["--data", _DATA["json"]] if data else []
+    return _cli("analyze", run, "--out", out, "--samples", 4, "--batch-size", 4, *flags, *extra)
+
+
+@pytest.fixture(scope="module")
+def analyzed(trainer_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("analysis") / "out"
+    result = _analyze(trainer_run, out, "--trace", "--max-loss-increase", 0.1)
+    assert result.exit_code == 0, result.output
+    return out, result
+
+
+def _tables(out: Path) -> dict[str, pd.DataFrame]:
+    return {name: pd.read_parquet(out / f"{name}.parquet") for name in ("layers", "tokens", "cost", "checkpoints")}
+
+
+@pytest.mark.slow
+def test_analyze_writes_tables_plots_report_and_schedule(analyzed, trainer_run):
+    from sts_profile.analysis import Analysis
+    from sts_train.schedule import load_schedule
+
+    out, result = analyzed
+    assert "[1/3] instruction/checkpoint-1" in result.output and "batch 1/1" in result.output
+    tables = _tables(out)
+    layers, tokens, cost = tables["layers"], tables["tokens"], tables["cost"]
+    assert list(layers.columns) == ["checkpoint", "step", "stage", "layer", "token_type", "metric", "value"]
+    assert list(tokens.columns) == ["checkpoint", "step", "stage", "layer", "metric", "method", "keep_ratio",
+                                    "threshold", "value"]
+    assert list(cost.columns) == ["layer", "component", "seq_len", "flops_fwd", "time_fwd_s"]
+    passive = layers[layers["metric"].isin(["block_influence", "angular_distance", "relative_update_norm"])]
+    assert len(passive) == len(STEPS) * NUM_LAYERS * 3 * 3
+    assert passive.groupby(["checkpoint", "layer", "token_type", "metric"]).size().eq(1).all()
+    assert len(layers) == len(passive) + len(STEPS) * NUM_LAYERS * 2  # skip_loss_delta, skip_kl
+    assert len(tokens) == len(STEPS) * TOKEN_METRICS_PER_CKPT
+    assert sorted(set(layers["step"])) == list(STEPS) and set(layers["stage"]) == {"instruction"}
+    assert layers["value"].notna().all() and tokens["value"].notna().all()
+    assert list(cost["component"]) == ["decoder_layer"] * NUM_LAYERS + ["vision_tower", "projector", "lm_head", "total"]
+    for name, df in tables.items():  # the CSV holds the same table
+        csv = pd.read_csv(out / f"{name}.csv")
+        assert list(csv.columns) == list(df.columns) and len(csv) == len(df)
+    # facade
+    analysis = Analysis(out)
+    pd.testing.assert_frame_equal(analysis.layer_redundancy(), layers)
+    assert set(analysis.token_redundancy("mergeable_frac")["threshold"]) == {0.8, 0.9, 0.95}
+    assert list(analysis.checkpoints()["checkpoint"]) == [f"instruction/checkpoint-{s}" for s in STEPS]
+    # plots, report, schedule
+    plots = sorted(p.name for p in (out / "plots").glob("*.png"))
+    assert "redundancy_block_influence.png" in plots and "token_keep_ratio.png" in plots
+    report = (out / "report.html").read_text()
+    assert "plots/redundancy_block_influence.png" in report
+    schedule = load_schedule(out / "schedule.yaml")
+    schedule.check_model(NUM_LAYERS)
+    assert [s.name for s in schedule.stages] == ["instruction"]
+    assert analysis.schedule() == schedule
+    manifest = json.loads((out / "analysis.json").read_text())
+    assert manifest["ckpt_dir"] == str(trainer_run.resolve()) and manifest["num_layers"] == NUM_LAYERS
+
+
+@pytest.mark.slow
+def test_trace_parses_with_torch_tb_profiler(analyzed):
+    from torch_tb_profiler import consts
+    from torch_tb_profiler.profiler.data import RunProfileData
+    from torch_tb_profiler.profiler.run_generator import RunGenerator
+
+    out, _ = analyzed
+    files = list((out / "trace").iterdir())
+    assert len(files) == 1 and files[0].name.endswith(".pt.trace.json.gz")
+    match = consts.WORKER_PATTERN.match(files[0].name)
+    worker, span = match.group(1), match.group(2)[1:]
+    assert worker == "llava-L2-H64"
+    # what RunLoader does per file (it runs this in a subprocess)
+    data = RunProfileData.parse(worker, span, str(files[0]), str(out / ".cache"))
+    profile = RunGenerator(worker, span, data).generate_run_profile()
+    assert len(data.events) > 100 and profile is not None
+
+
+@pytest.mark.slow
+def test_interrupt_and_resume_gives_identical_tables(analyzed, trainer_run, tmp_path, monkeypatch):
+    from sts_profile import plots, runner
+
+    out = tmp_path / "out"
+    real = runner.measure_checkpoint
+    calls = []
+
+    def interrupted(plan, index):
+        calls.append(index)
+        if index == 1:
+            raise KeyboardInterrupt
+        return real(plan, index)
+
+    monkeypatch.setattr(runner, "measure_checkpoint", interrupted)
+    monkeypatch.setattr(plots, "write_plots", lambda *a, **k: {})  # tables are what is compared
+    result = _analyze(trainer_run, out, "--max-loss-increase", 0.1)
+    assert result.exit_code == 130, result.output
+    assert not (out / "analysis.json").exists() and not (out / "layers.parquet").exists()
+    assert sorted(p.name for p in (out / ".cache").glob("*.json")) == ["instruction__checkpoint-1.json", "owner.json"]
+
+    calls.clear()
+    monkeypatch.setattr(runner, "measure_checkpoint", lambda plan, index: calls.append(index) or real(plan, index))
+    result = _analyze(trainer_run, out, "--max-loss-increase", 0.1)
+    assert result.exit_code == 0, result.output
+    assert calls == [1, 2] and "cached result" in result.output
+    resumed, full = _tables(out), _tables(analyzed[0])
+    for name in ("layers", "tokens", "checkpoints"):
+        pd.testing.assert_frame_equal(resumed[name], full[name], check_exact=True)
+    pd.testing.assert_frame_equal(resumed["cost"].drop(columns="time_fwd_s"), full["cost"].drop(columns="time_fwd_s"))
+
+    # the finished folder now belongs to this run (a later analyze of it resumes, not refuses)
+    assert json.loads((out / "analysis.json").read_text())["ckpt_dir"] == str(trainer_run.resolve())
+
+
+@pytest.mark.slow
+def test_single_checkpoint_is_analyzed_with_a_warning(trainer_run, tmp_path):
+    out = tmp_path / "one"
+    result = _cli("analyze", trainer_run / "instruction" / "checkpoint-3", "--out", out, "--samples", 2,
+                  "--no-probes", "--data", _DATA["json"])
+    assert result.exit_code == 0, result.output
+    assert "trends across training need two or more" in result.output
+    manifest = json.loads((out / "analysis.json").read_text())
+    assert any("only one checkpoint" in n for n in manifest["notes"])
+    assert "only one checkpoint" in (out / "report.html").read_text()
+    assert set(pd.read_parquet(out / "layers.parquet")["metric"]) == {
+        "block_influence", "angular_distance", "relative_update_norm"}
+
+
+def _copy_run(trainer_run: Path, dest: Path) -> Path:
+    shutil.copytree(trainer_run, dest)
+    return dest
+
+
+def test_not_a_run_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    _one_line_error(_analyze(tmp_path / "empty", tmp_path / "out"),
+                    str(tmp_path / "empty"), "not a run or model folder")
+    assert not (tmp_path / "out").exists()
+
+
+def test_checkpoints_of_different_architectures(trainer_run, tmp_path):
+    run = _copy_run(trainer_run, tmp_path / "run")
+    config_path = run / "instruction" / "checkpoint-2" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["text_config"]["num_hidden_layers"] = 4
+    config_path.write_text(json.dumps(config))
+    _one_line_error(_analyze(run, tmp_path / "out"),
+                    "different architectures", "num_hidden_layers")
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_weight_file(trainer_run, tmp_path):
+    run = _copy_run(trainer_run, tmp_path / "run")
+    weights = run / "instruction" / "checkpoint-3" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    _one_line_error(_analyze(run, tmp_path / "out"), str(weights), "truncated or corrupt")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_tokenizer(trainer_run, tmp_path):
+    run = _copy_run(trainer_run, tmp_path / "run")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        for file in run.rglob(name):
+            file.unlink()
+    _one_line_error(_analyze(run, tmp_path / "out"),
+                    "checkpoint-1", "no tokenizer", "save_pretrained")
+    assert not (tmp_path / "out").exists()
+
+
+def test_calibration_data_without_images(trainer_run, tmp_path):
+    text_only = [s for s in json.loads(Path(_DATA["json"]).read_text()) if "image" not in s]
+    assert text_only
+    data = tmp_path / "text.json"
+    data.write_text(json.dumps(text_only))
+    _one_line_error(_analyze(trainer_run, tmp_path / "out", "--data", data, data=False), str(data), "no images")
+    _one_line_error(_analyze(trainer_run, tmp_path / "out", data=False), "no calibration data", "--data")
+    # the run's own data, named by the sts_run.yaml that sts-train writes, is found too
+    run = _copy_run(trainer_run, tmp_path / "run")
+    (run / "instruction" / "sts_run.yaml").write_text(f"data: {{json: {data.name}}}\nstage: {{name: instruction}}\n")
+    shutil.copy(data, run / "instruction" / data.name)
+    _one_line_error(_analyze(run, tmp_path / "out", data=False), data.name, "no images")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_output_folder_with_another_analysis(analyzed, trainer_run, tmp_path):
+    out, _ = analyzed
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    other = _copy_run(trainer_run, tmp_path / "other")
+    _one_line_error(_analyze(other, out), str(out), "another run", "--overwrite")
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    _one_line_error(_analyze(trainer_run, busy), "not empty", "--overwrite")
+    assert sorted(p.name for p in busy.iterdir()) == ["notes.txt"]
+    # --overwrite replaces the other analysis (its cache included) and leaves other files alone
+    replaced = tmp_path / "replaced"
+    shutil.copytree(out, replaced)
+    (replaced / "notes.txt").write_text("mine")
+    result = _analyze(other, replaced, "--no-probes", "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert json.loads((replaced / "analysis.json").read_text())["ckpt_dir"] == str(other.resolve())
+    assert (replaced / "notes.txt").read_text() == "mine"
+    assert "skip_kl" not in set(pd.read_parquet(replaced / "layers.parquet")["metric"])
+
+
+@pytest.mark.slow
+def test_schedule_command_derives_from_tables(analyzed, tmp_path):
+    from sts_train.schedule import load_schedule
+
+    out, _ = analyzed
+    paper = tmp_path / "paper.yaml"
+    result = _cli("schedule", out, "--policy", "paper", "--alpha", 0.4, "--eps", 0.1, "-o", paper)
+    assert result.exit_code == 0, result.output
+    assert load_schedule(paper).source["policy"] == "paper"
+    derived = tmp_path / "derived.yaml"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = _cli("schedule", out, "--target-speedup", 1.3, "-o", derived)
+    assert result.exit_code == 0, result.output
+    load_schedule(derived).check_model(NUM_LAYERS)
+    _one_line_error(_cli("schedule", out, "--target-speedup", 1.3, "-o", derived), "--overwrite")
+    _one_line_error(_cli("schedule", tmp_path, "--target-speedup", 1.3, "-o", tmp_path / "x.yaml"),
+                    "not an analysis folder")
+
+
+@pytest.mark.slow
+def test_derived_schedule_drives_sts_train(analyzed, trainer_run, tmp_path):
+    from sts_train.config import DataConfig, ModelConfig, RunConfig, ScheduleConfig, StageConfig, TrainingConfig
+    from sts_train.train import train
+
+    out, _ = analyzed
+    config = RunConfig(
+        data=DataConfig(json=str(_DATA["json"])), output_dir=str(tmp_path / "sparse"),
+        model=ModelConfig(path=str(trainer_run / "instruction" / "checkpoint-3")),
+        stage=StageConfig(name="instruction"),
+        schedule=ScheduleConfig(path=str(out / "schedule.yaml"), stage="instruction"),
+        training=TrainingConfig(max_steps=2, per_device_train_batch_size=2, save_steps=2, logging_steps=1,
+                                report_to=()))
+    summary = train(config)
+    assert summary["global_step"] == 2 and (tmp_path / "sparse" / "checkpoint-2" / "config.json").is_file()
+
+
+# -- discovery layouts (JSON only, no model weights) ---------------------------------------------
+
+def _model_folder(folder: Path, config: dict, step: int | None = None) -> None:
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    if step is not None:
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+
+
+@pytest.fixture(scope="module")
+def config_dict():
+    from sts_train.factory import build_config
+
+    return build_config("test").to_dict()
+
+
+def test_discover_layouts(tmp_path, config_dict):
+    from sts_profile.discover import TrendWarning, discover_checkpoints
+
+    hf = tmp_path / "hf"
+    for n in (10, 9, 100):
+        _model_folder(hf / f"checkpoint-{n}", config_dict, step=n)
+    (hf / "runs").mkdir()  # TensorBoard logs are not checkpoints
+    (hf / "config.json").write_text(json.dumps(config_dict))  # trainer.save_model(): repeats the last
+    found = discover_checkpoints(hf)
+    assert [c.name for c in found] == ["checkpoint-9", "checkpoint-10", "checkpoint-100"]
+    assert [c.step for c in found] == [9, 10, 100] and {c.stage for c in found} == {"unknown"}
+
+    loose = tmp_path / "loose"
+    _model_folder(loose / "epoch-2", config_dict)
+    _model_folder(loose / "epoch-1", config_dict)
+    _model_folder(loose / "stepless", config_dict, step=50)
+    assert [(c.name, c.step) for c in discover_checkpoints(loose)] == [("epoch-1", 1), ("epoch-2", 2), ("stepless", 50)]
+
+    staged = tmp_path / "staged"
+    _model_folder(staged / "instruction" / "checkpoint-5", config_dict, step=5)
+    _model_folder(staged / "alignment" / "checkpoint-8", config_dict, step=8)
+    _model_folder(staged / "stage-b" / "checkpoint-1", config_dict)
+    (staged / "stage-b" / "sts_run.yaml").write_text("stage: {name: instruction2}\n")
+    found = discover_checkpoints(staged)
+    assert [(c.name, c.stage, c.step) for c in found] == [
+        ("alignment/checkpoint-8", "alignment", 8), ("instruction/checkpoint-5", "instruction", 5),
+        ("stage-b/checkpoint-1", "instruction2", 1)]
+
+    with pytest.warns(TrendWarning, match="two or more"):
+        (single,) = discover_checkpoints(hf / "checkpoint-10")
+    assert single.step == 10 and single.path == hf / "checkpoint-10"
+
+
+def test_discover_never_unpickles(tmp_path, config_dict, monkeypatch):
+    import pickle
+
+    from sts_profile.discover import discover_checkpoints
+
+    folder = tmp_path / "run" / "checkpoint-1"
+    _model_folder(folder, config_dict, step=1)
+    (folder / "training_args.bin").write_bytes(b"not a pickle")
+    monkeypatch.setattr(pickle, "load", lambda *a, **k: pytest.fail("unpickled a file"))
+    monkeypatch.setattr(pickle, "loads", lambda *a, **k: pytest.fail("unpickled a file"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert discover_checkpoints(tmp_path / "run")[0].step == 1
+    assert os.path.getsize(folder / "training_args.bin") == 12
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_torchrun_splits_checkpoints_and_rank0_gathers(analyzed, trainer_run, tmp_path):
+    """Two gloo processes under torchrun: each measures its share, rank 0 writes the same tables."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "dist"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "sts_profile.cli", "analyze", str(trainer_run), "--out", str(out), "--data", str(_DATA["json"]),
+           "--samples", "4", "--batch-size", "4", "--max-loss-increase", "0.1"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rank 1: [2/3] instruction/checkpoint-2" in proc.stderr  # rank 1 measured its share
+    tables, full = _tables(out), _tables(analyzed[0])
+    for name in ("layers", "tokens", "checkpoints"):
+        pd.testing.assert_frame_equal(tables[name], full[name], check_exact=True)
+
+
+def test_frozen_llm_stage_gets_a_note():
+    from sts_profile.analysis import analysis_notes, build_tables, llm_frozen_by_stage
+
+    def result(name, step, stage, fingerprint):
+        return {"checkpoint": name, "step": step, "stage": stage, "path": f"/r/{name}", "layers": [],
+                "tokens": [], "cost": None, "llm_fingerprint": fingerprint, "notes": []}
+
+    tables = build_tables([result("alignment/c-1", 1, "alignment", "aa"), result("alignment/c-2", 2, "alignment", "aa"),
+                           result("instruction/c-1", 1, "instruction", "bb"),
+                           result("instruction/c-2", 2, "instruction", "cc")])
+    assert llm_frozen_by_stage(tables["checkpoints"]) == {"alignment": True, "instruction": False}
+    notes = analysis_notes(tables, ["x", "x"])
+    assert notes[0] == "x" and len(notes) == 2 and "LLM frozen in stage 'alignment'" in notes[1]

@@ -1,0 +1,300 @@
+"""Tests for schedule derivation from profiler tables (sts_profile.derive).
+
+Run: PYTHONPATH=. .venv/bin/pytest tests/test_profile_derive.py -q
+
+The tables are synthetic but keep the profiler's column contract exactly: two stages
+(alignment with a frozen LLM: identical layer metrics across its checkpoints; instruction with
+drifting metrics), 6 layers, 4 token methods at keep ratios 0.5/0.25/0.125.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sts_profile.derive import (
+    MAX_SKIP_PROB, Budget, derive_from_tables_dir, derive_schedule, fit_decay, frozen_stages,
+    paper_schedule, predicted_speedup,
+)
+from sts_train.errors import StsError
+from sts_train.flops import LayerDims, layer_flops_fwd, lm_head_flops_fwd
+from sts_train.schedule import (
+    DECAY_CURVES, LayerSparsity, Schedule, Stage, TokenSparsity, dump_schedule, load_schedule,
+)
+
+NUM_LAYERS, NUM_VISUAL, TEXT_LEN = 6, 576, 64
+DIMS = LayerDims(hidden_size=256, intermediate_size=688, num_heads=4, num_kv_heads=4, head_dim=64,
+                 vocab_size=1000)
+# Loss increase when layer l is skipped: layer 2 tiny, layer 1 large; first/last largest.
+LAYER_DELTA = (0.40, 0.20, 0.001, 0.02, 0.05, 0.60)
+# compress_loss_delta at keep ratios 0.5 / 0.25 / 0.125 (alignment; instruction is 3x).
+TOKEN_DELTA = {"uniform": (0.010, 0.030, 0.080), "random": (0.020, 0.060, 0.150),
+               "text_guided": (0.015, 0.040, 0.100), "merge": (0.008, 0.025, 0.090)}
+RATIOS = (0.5, 0.25, 0.125)
+STAGES = (("alignment", (100, 200, 300)), ("instruction", (400, 600, 800, 1000)))
+LAYER_COLUMNS = ["checkpoint", "step", "stage", "layer", "token_type", "metric", "value"]
+TOKEN_COLUMNS = ["checkpoint", "step", "stage", "layer", "metric", "method", "keep_ratio", "threshold", "value"]
+
+
+def synthetic_tables(stages=STAGES, layer_delta=LAYER_DELTA, instruction_token_scale=3.0,
+                     mergeable=(0.6, 0.5, 0.4), skip_loss=True):
+    """Realistic (layers, tokens) tables in the profiler's column contract.
+
+    Alignment's layer metrics are identical across its checkpoints (frozen LLM). In instruction
+    the block influence of every layer rises linearly with progress (x 1.5 at the end) and the
+    deltas scale as 0.9, 1.0, 1.1, 1.1 over its checkpoints, so the max is 1.1 x the base. Token
+    deltas scale the same way (alignment max 1.1 x, instruction max 3.3 x). ``mergeable_frac``
+    falls 0.6 -> 0.5 -> 0.4 (then stays) in every stage.
+    """
+    lrows, trows = [], []
+    for stage, steps in stages:
+        frozen = stage == "alignment"
+        for i, step in enumerate(steps):
+            ckpt = f"{stage}/checkpoint-{step}"
+            x = i / (len(steps) - 1) if len(steps) > 1 else 0.0
+            scale = 1.0 if frozen else 0.9 + 0.1 * min(i, 2)
+            for layer in range(len(layer_delta)):
+                bi = 0.01 * (1 + 10 * layer_delta[layer]) * (1 + (0.0 if frozen else 0.5 * x))
+                for token_type, f in (("visual", 1.2), ("text", 0.8), ("all", 1.0)):
+                    lrows += [(ckpt, step, stage, layer, token_type, "block_influence", bi * f),
+                              (ckpt, step, stage, layer, token_type, "angular_distance",
+                               math.acos(1 - bi * f) / math.pi),
+                              (ckpt, step, stage, layer, token_type, "relative_update_norm", 2 * bi * f)]
+                if skip_loss:
+                    lrows += [(ckpt, step, stage, layer, "all", "skip_loss_delta", layer_delta[layer] * scale),
+                              (ckpt, step, stage, layer, "all", "skip_kl", layer_delta[layer] * scale / 2)]
+            token_scale = 1.0 if frozen else instruction_token_scale
+            tscale = 0.9 + 0.1 * min(i, 2)
+            for method, deltas in TOKEN_DELTA.items():
+                for ratio, delta in zip(RATIOS, deltas):
+                    trows.append((ckpt, step, stage, -1, "compress_loss_delta", method, ratio, np.nan,
+                                  delta * token_scale * tscale))
+            m = mergeable[min(i, len(mergeable) - 1)]
+            trows.append((ckpt, step, stage, -1, "neighbor_cosine", "", np.nan, np.nan, 0.5 + m / 2))
+            trows += [(ckpt, step, stage, -1, "mergeable_frac", "", np.nan, th, m) for th in (0.9, 0.95)]
+            trows.append((ckpt, step, stage, -1, "dense_loss", "", np.nan, np.nan, 3.0 - 0.1 * i))
+            for layer in (1, 3):
+                trows += [(ckpt, step, stage, layer, "text_to_visual_attention", "", np.nan, np.nan, 0.4),
+                          (ckpt, step, stage, layer, "visual_tokens_for_50pct_mass", "", np.nan, np.nan, 60.0),
+                          (ckpt, step, stage, layer, "visual_tokens_for_90pct_mass", "", np.nan, np.nan, 300.0)]
+    return pd.DataFrame(lrows, columns=LAYER_COLUMNS), pd.DataFrame(trows, columns=TOKEN_COLUMNS)
+
+
+def derive(budget, layers=None, tokens=None, **kwargs):
+    if layers is None:
+        layers, tokens = synthetic_tables()
+    args = dict(num_layers=NUM_LAYERS, num_visual_tokens=NUM_VISUAL, budget=budget,
+                provenance={"tables": "synthetic"}, dims=DIMS, text_len=TEXT_LEN)
+    return derive_schedule(layers, tokens, **{**args, **kwargs})
+
+
+def speedup(schedule, stage):
+    return predicted_speedup(schedule, num_layers=NUM_LAYERS, dims=DIMS, text_len=TEXT_LEN,
+                             num_visual_tokens=NUM_VISUAL, stage=stage)
+
+
+def test_frozen_stage_detected_and_gets_no_layer_skipping():
+    layers, tokens = synthetic_tables()
+    assert frozen_stages(layers) == ["alignment"]
+    for budget in (Budget(max_loss_increase=0.05), Budget(target_speedup=1.5)):
+        sched = derive(budget, layers, tokens)
+        assert sched.stage_named("alignment").layers is None
+        info = sched.source["derivation"]["alignment"]
+        assert info["llm_frozen"] is True and info["llm_frozen_by"].startswith("measured")
+    # Overriding the detection lets the (unchanging) layer measurements drive skipping.
+    sched = derive(Budget(max_loss_increase=0.05), layers, tokens, llm_frozen={"alignment": False})
+    assert sched.stage_named("alignment").layers is not None
+    # One alignment checkpoint: frozenness cannot be measured; the stage name decides.
+    one = (("alignment", (100,)), ("instruction", (400, 600, 800, 1000)))
+    sched = derive(Budget(max_loss_increase=0.05), *synthetic_tables(stages=one))
+    assert sched.stage_named("alignment").layers is None
+    assert sched.source["derivation"]["alignment"]["llm_frozen_by"].startswith("stage name")
+
+
+def test_skip_probabilities_follow_measured_sensitivity():
+    # Instruction tokens far too lossy: layer skipping must carry the target on its own.
+    layers, tokens = synthetic_tables(instruction_token_scale=100.0)
+    sched = derive(Budget(target_speedup=1.25), layers, tokens)
+    stage = sched.stage_named("instruction")
+    assert stage.tokens is None and stage.layers.policy == "per_layer"
+    p = stage.layers.skip_prob
+    assert p[0] == 0.0 and p[-1] == 0.0
+    assert all(0.0 <= v <= MAX_SKIP_PROB < 1.0 for v in p)
+    assert p[2] >= p[3] > p[4] > p[1] > 0.0          # sensitivities 0.001 < 0.02 < 0.05 < 0.2
+    # Uncapped layers follow w_l = m / (s_l + m), m = median of (0.0011, 0.022, 0.055, 0.22) = 0.0385.
+    sens, m = {1: 0.22, 3: 0.022, 4: 0.055}, 0.0385
+    assert p[3] / p[4] == pytest.approx((sens[4] + m) / (sens[3] + m), rel=2e-3)
+    assert p[4] / p[1] == pytest.approx((sens[1] + m) / (sens[4] + m), rel=2e-3)
+    assert sched.source["derivation"]["instruction"]["layer_sensitivity"]["values"][2] == pytest.approx(0.0011)
+    # Block influence of the less sensitive layers rises linearly with progress -> linear decay.
+    assert stage.layers.decay == "linear"
+    assert speedup(sched, "instruction") >= 1.25
+
+
+def test_tolerance_budget_picks_smallest_keep_ratio_within_tolerance():
+    # Alignment max deltas (x1.1): merge 0.25 -> 0.0275, uniform 0.25 -> 0.033, merge 0.5 -> 0.0088.
+    cases = {0.03: ("merge", 0.25), 0.02: ("merge", 0.5), 0.005: (None, None)}
+    for tol, (method, ratio) in cases.items():
+        tokens = derive(Budget(max_loss_increase=tol)).stage_named("alignment").tokens
+        if method is None:
+            assert tokens is None
+            continue
+        assert (tokens.method, tokens.keep_ratio) == (method, ratio)
+        # mergeable_frac 0.6 -> 0.4: distinct tokens 0.4 -> 0.6, linearly: end = ratio * 1.5.
+        assert tokens.keep_ratio_end == pytest.approx(ratio * 1.5) and tokens.curve == "linear"
+    # Instruction: the predicted loss (token delta + sum p_l * delta_l) stays within tolerance.
+    sched = derive(Budget(max_loss_increase=0.03))
+    stage, info = sched.stage_named("instruction"), sched.source["derivation"]["instruction"]
+    token_delta = 0.0 if stage.tokens is None else {
+        (o["method"], o["keep_ratio"]): o["loss_delta"] for o in info["token_options"]}[
+        (stage.tokens.method, stage.tokens.keep_ratio)]
+    max_delta = [d * 1.1 for d in LAYER_DELTA]
+    loss = token_delta + sum(p * d for p, d in zip(stage.layers.skip_prob, max_delta))
+    assert loss <= 0.03 + 1e-9 and loss == pytest.approx(info["choice"]["predicted_loss_increase"], rel=1e-4)
+    assert loss > 0.029                               # the tolerance is used, not wasted
+
+
+@pytest.mark.parametrize("target", [1.3, 1.5, 2.0])
+def test_target_speedup_is_reached_and_close(target):
+    sched = derive(Budget(target_speedup=target))
+    for name in ("alignment", "instruction"):
+        got = speedup(sched, name)
+        assert target <= got < target * 1.03, (name, got)
+        assert sched.source["predicted_speedup"][name] == pytest.approx(got, rel=1e-5)
+        assert sched.source["derivation"][name]["target_met"] is True
+    # Layers alone (no token measurements): the bisection on the scale lands on the target.
+    layers, tokens = synthetic_tables()
+    with pytest.warns(UserWarning, match="stage 'alignment': target speedup 1.2 is not reachable"):
+        sched = derive(Budget(target_speedup=1.2), layers, tokens.iloc[0:0])
+    assert sched.source["derivation"]["alignment"]["target_met"] is False
+    assert 1.2 <= speedup(sched, "instruction") < 1.2 * 1.005
+
+
+def test_predicted_speedup_matches_hand_formula():
+    def cost(seq, skipped=0.0):
+        return (NUM_LAYERS - skipped) * layer_flops_fwd(seq, DIMS)["total"] + lm_head_flops_fwd(seq, DIMS)
+
+    dense = cost(TEXT_LEN + NUM_VISUAL)
+    tokens = Stage("a", tokens=TokenSparsity("uniform", 0.25))           # 24x24 -> 12x12
+    layers = Stage("b", layers=LayerSparsity("per_layer", skip_prob=(0, .5, .5, .5, .5, 0), decay="constant"))
+    sched = Schedule(1, {}, (tokens, layers))
+    assert speedup(sched, "a") == pytest.approx(dense / cost(TEXT_LEN + 144), rel=1e-12)
+    assert speedup(sched, "b") == pytest.approx(dense / cost(TEXT_LEN + NUM_VISUAL, 2.0), rel=1e-12)
+
+
+def test_schedule_round_trips_and_drives_plans(tmp_path):
+    sched = derive(Budget(target_speedup=1.5))
+    loaded = load_schedule(dump_schedule(sched, tmp_path / "schedule.yaml"))
+    assert loaded.to_dict() == sched.to_dict()
+    assert not loaded.ranged and [s.name for s in loaded.stages] == ["alignment", "instruction"]
+    loaded.check_model(NUM_LAYERS)
+    plan = loaded.plan(0, num_layers=NUM_LAYERS, stage="alignment", total_steps=100)
+    assert plan.keep_ratio == loaded.stage_named("alignment").tokens.keep_ratio
+    src = loaded.source
+    assert src["tool"] == "sts-profile" and src["version"]
+    assert src["budget"] == {"target_speedup": 1.5, "policy": "profile"}
+    assert len(src["checkpoints"]) == 7 and src["tables"] == "synthetic"
+    ranged = derive(Budget(target_speedup=1.5), stage_steps={"instruction": (400, 1200), "alignment": (0, 400)})
+    assert ranged.ranged and ranged.plan(500, num_layers=NUM_LAYERS).stage == "instruction"
+    assert load_schedule(dump_schedule(ranged, tmp_path / "ranged.yaml")).to_dict() == ranged.to_dict()
+    with pytest.raises(StsError, match="stage_steps has no step range for stage 'instruction'"):
+        derive(Budget(target_speedup=1.5), stage_steps={"alignment": (0, 400)})
+
+
+def test_paper_schedule_plans_equal_the_formula():
+    alpha, eps, L = 0.5, 0.2, NUM_LAYERS
+    sched = paper_schedule(alpha=alpha, eps=eps, provenance={"run": "r"})
+    assert sched.stage_named("alignment").tokens == TokenSparsity("uniform", 0.25)
+    assert sched.source["policy"] == "paper" and sched.source["run"] == "r"
+    for step in (0, 25, 50, 99):
+        plan = sched.plan(step, num_layers=L, stage="instruction", total_steps=100)
+        x = step / 100
+        want = [alpha * (1 - x) ** 2 * (1 + eps * (2 * l - (L - 1)) / (L - 1)) for l in range(L)]
+        want[0] = want[-1] = 0.0
+        assert plan.skip_prob == pytest.approx(want, abs=1e-12) and plan.keep_ratio == 1.0
+    same = derive_schedule(None, None, num_layers=L, num_visual_tokens=16, provenance={},
+                           budget=Budget(policy="paper", alpha=alpha, eps=eps))
+    assert same.stages == sched.stages
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({}, "--target-speedup"),
+    ({"target_speedup": 1.5, "max_loss_increase": 0.1}, "pass only one"),
+    ({"target_speedup": 0.9}, "--target-speedup 0.9 is not above 1"),
+    ({"target_speedup": float("nan")}, "--target-speedup nan is not a finite number"),
+    ({"max_loss_increase": -0.1}, "--max-loss-increase -0.1 is negative"),
+    ({"policy": "magic", "target_speedup": 2}, "--policy 'magic' is not known"),
+    ({"policy": "paper", "target_speedup": 2}, "--target-speedup does not apply to --policy paper"),
+    ({"policy": "paper", "alpha": 0.9, "eps": 0.2}, "lower --alpha or --eps"),
+    ({"policy": "paper", "eps": 1.5}, "--eps 1.5 is outside"),
+])
+def test_budget_validation(kwargs, message):
+    with pytest.raises(StsError, match=message.replace("(", r"\(")) as exc:
+        Budget(**kwargs)
+    assert "\n" not in str(exc.value)
+
+
+def test_fit_decay_picks_the_shape():
+    x = [0.0, 0.25, 0.5, 0.75, 1.0]
+    for curve in ("linear", "quadratic", "cosine"):
+        need = [1.0 + 0.4 * (1 - DECAY_CURVES[curve](v)) for v in x]
+        assert fit_decay(x, need)[0] == curve
+    assert fit_decay(x, [1.0, 1.01, 0.99, 1.02, 1.03])[0] == "constant"     # rise below 5%
+    assert fit_decay(x, [1.0, 0.9, 0.8, 0.7, 0.6])[0] == "constant"         # redundancy grows
+    assert fit_decay([0.0, 1.0], [1.0, 2.0])[0] == "linear"                 # tie: linear
+
+
+def test_without_skip_loss_layers_order_by_block_influence():
+    # Unknown layer loss counts as worse than any measured token loss, so layers carry the
+    # target only where tokens cannot: here instruction has no token measurements.
+    layers, tokens = synthetic_tables(skip_loss=False)
+    tokens = tokens[tokens["stage"] == "alignment"]
+    sched = derive(Budget(target_speedup=1.2), layers, tokens)
+    p = sched.stage_named("instruction").layers.skip_prob
+    assert p[0] == p[-1] == 0.0 and p[2] > p[4] > p[1]
+    assert sched.source["derivation"]["instruction"]["layer_sensitivity"]["metric"] == "block_influence"
+    # A loss tolerance cannot be checked without measured loss deltas: no layer skipping.
+    assert derive(Budget(max_loss_increase=0.5), layers, tokens).stage_named("instruction").layers is None
+
+
+def test_derive_from_tables_dir(tmp_path):
+    layers, tokens = synthetic_tables()
+    layers.to_parquet(tmp_path / "layers.parquet")
+    tokens.to_parquet(tmp_path / "tokens.parquet")
+    manifest = {"num_layers": NUM_LAYERS, "num_visual_tokens": NUM_VISUAL, "text_len": TEXT_LEN,
+                "checkpoints": ["a", "b"], "dims": vars(DIMS)}
+    (tmp_path / "analysis.json").write_text(json.dumps(manifest))
+    out = derive_from_tables_dir(tmp_path, Budget(target_speedup=1.5), tmp_path / "schedule.yaml")
+    sched = load_schedule(out)
+    assert sched.source["cost_model"].startswith("analytic")
+    assert sched.to_dict() == derive(Budget(target_speedup=1.5), provenance={"tables": str(tmp_path)}).to_dict()
+    with pytest.raises(StsError, match="already exists; pass --overwrite"):
+        derive_from_tables_dir(tmp_path, Budget(target_speedup=1.5), out)
+    # Optional keys missing: still a valid schedule (cost proportional to sequence length).
+    (tmp_path / "analysis.json").write_text(json.dumps({"num_visual_tokens": NUM_VISUAL}))
+    sched = load_schedule(derive_from_tables_dir(tmp_path, Budget(max_loss_increase=0.03), out, overwrite=True))
+    assert sched.source["model"]["num_layers"] == NUM_LAYERS and sched.source["notes"]
+    with pytest.raises(StsError, match="not a folder"):
+        derive_from_tables_dir(tmp_path / "nope", Budget(target_speedup=1.5), out, overwrite=True)
+    (tmp_path / "analysis.json").write_text("{}")
+    with pytest.raises(StsError, match="num_visual_tokens is missing"):
+        derive_from_tables_dir(tmp_path, Budget(target_speedup=1.5), out, overwrite=True)
+
+
+def test_one_table_missing():
+    layers, tokens = synthetic_tables()
+    args = dict(num_layers=NUM_LAYERS, num_visual_tokens=NUM_VISUAL, provenance={}, dims=DIMS, text_len=TEXT_LEN)
+    only_tokens = derive_schedule(None, tokens, budget=Budget(max_loss_increase=0.03), **args)
+    assert all(s.layers is None for s in only_tokens.stages)
+    assert only_tokens.stage_named("alignment").tokens.keep_ratio == 0.25
+    only_layers = derive_schedule(layers, None, budget=Budget(max_loss_increase=0.03), **args)
+    assert all(s.tokens is None for s in only_layers.stages)
+    assert only_layers.stage_named("instruction").layers is not None
+    with pytest.raises(StsError, match="the tables hold no measurements"):
+        derive_schedule(None, None, budget=Budget(max_loss_increase=0.03), **args)
+    with pytest.raises(StsError, match="the layer table has layer 5 but num_layers = 4"):
+        derive_schedule(layers, tokens, budget=Budget(max_loss_increase=0.03), **{**args, "num_layers": 4})
