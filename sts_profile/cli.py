@@ -98,5 +98,37 @@ def schedule(
         typer.echo(f"wrote {path}")
 
 
+@app.command()
+def recipe(
+    out: Path = typer.Option(Path("reports/demo"), "--out", help="Report folder (index.html, summary.json, plots)."),
+    work: Path = typer.Option(Path("runs/demo"), "--work", help="Working folder: data, runs, analysis."),
+    size: str = typer.Option("demo", "--size", help="Factory model size: demo, small or test."),
+    alignment_steps: Optional[int] = typer.Option(None, help="Optimizer steps of stage 1 (default per size)."),
+    instruction_steps: Optional[int] = typer.Option(None, help="Optimizer steps of stage 2 (default per size)."),
+    target_speedup: Optional[float] = typer.Option(2.0, "--target-speedup", help="Schedule budget: FLOPs speedup."),
+    max_loss_increase: Optional[float] = typer.Option(None, "--max-loss-increase",
+                                                      help="Schedule budget: tolerated loss increase instead."),
+    policy: str = typer.Option("profile", "--policy", help="profile (derived) or paper (fixed formula)."),
+    seed: int = typer.Option(0, "--seed", help="Data, weights and plan seed."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier recipe in --work/--out."),
+) -> None:
+    """The whole stage-aware recipe: dense run, analyze, schedule, sparse run, evaluate, compare."""
+    with user_errors():
+        from dataclasses import replace
+
+        from sts_profile.recipe import RecipeConfig, run_recipe, test_size
+
+        cfg = RecipeConfig(out=str(out), work=str(work), size=size, seed=seed, policy=policy,
+                           target_speedup=None if max_loss_increase is not None else target_speedup,
+                           max_loss_increase=max_loss_increase, overwrite=overwrite)
+        if size == "test":
+            cfg = test_size(cfg)
+        if alignment_steps is not None:
+            cfg = replace(cfg, alignment_steps=alignment_steps)
+        if instruction_steps is not None:
+            cfg = replace(cfg, instruction_steps=instruction_steps)
+        run_recipe(cfg)
+
+
 if __name__ == "__main__":
     app()

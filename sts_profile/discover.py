@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
@@ -159,6 +159,23 @@ def check_same_architecture(checkpoints: list[Checkpoint], root: Path) -> None:
                 )
 
 
+def _monotonic_steps(found: list[Checkpoint]) -> list[Checkpoint]:
+    """Make steps increase across stages: a stage whose run counted again from 0 (a new
+    Trainer started from the previous stage's final checkpoint) is shifted by the last step of
+    the stages before it, so plots over ``step`` show the stages one after the other. Progress
+    within a stage (what schedules use) is unchanged by the shift."""
+    out, offset, last, current = [], 0, None, None
+    for ckpt in found:
+        if ckpt.stage != current:
+            if last is not None and ckpt.step + offset <= last:
+                offset = last
+            current = ckpt.stage
+        shifted = replace(ckpt, step=ckpt.step + offset)
+        last = shifted.step
+        out.append(shifted)
+    return out
+
+
 def discover_checkpoints(path: str | Path) -> list[Checkpoint]:
     """All checkpoints under ``path``, in training order (stage, then step).
 
@@ -193,7 +210,7 @@ def discover_checkpoints(path: str | Path) -> list[Checkpoint]:
         staged = []
         for run in stage_runs:
             staged += _run_checkpoints(run, root, run_stage(run) or run.name)
-        found = sorted(found + staged, key=lambda c: (_stage_order(c.stage), c.step, c.name))
+        found = _monotonic_steps(sorted(found + staged, key=lambda c: (_stage_order(c.stage), c.step, c.name)))
     if not found:
         raise ModelError(f"{root}: not a run or model folder (no config.json in it or its sub-folders); "
                          "pass a Trainer output_dir with checkpoint-N/ folders or a model folder")

@@ -1,0 +1,128 @@
+"""The recipe's comparison report: dense vs schedule-driven training, side by side.
+
+Layout of ``reports/<name>/``::
+
+    index.html          the page: timing, FLOPs, quality, redundancy plots, the schedule
+    summary.json        every number on the page
+    schedule.yaml       the schedule the sparse run used
+    wall_time.png       wall time per stage, dense vs sparse
+    plots/*.png         redundancy plots copied from the analysis
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from sts_train.configtools import atomic_write_text
+
+
+def _wall_time_plot(result: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = list(result["stages"])
+    dense = [result["stages"][s]["dense_wall_s"] for s in stages]
+    sparse = [result["stages"][s]["sparse_wall_s"] for s in stages]
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    x = range(len(stages))
+    ax.bar([i - 0.2 for i in x], dense, 0.4, label="dense")
+    ax.bar([i + 0.2 for i in x], sparse, 0.4, label="sparse (schedule)")
+    ax.set_xticks(list(x), stages)
+    ax.set_ylabel("training wall time (s)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _fmt(x, pct=False) -> str:
+    if isinstance(x, float):
+        return f"{100 * x:.1f}%" if pct else f"{x:.3f}" if abs(x) < 100 else f"{x:.0f}"
+    return html.escape(str(x))
+
+
+def write_comparison(out: Path, result: dict, *, analysis_dir: Path, schedule: Path) -> Path:
+    """Write the report folder atomically (built in a temp folder, then renamed).
+
+    Returns:
+        Path of ``index.html``.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    plots = tmp / "plots"
+    plots.mkdir()
+    copied = []
+    for png in sorted(Path(analysis_dir).rglob("*.png")):
+        shutil.copy2(png, plots / png.name)
+        copied.append(png.name)
+    shutil.copy2(schedule, tmp / "schedule.yaml")
+    _wall_time_plot(result, tmp / "wall_time.png")
+    (tmp / "summary.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+
+    e2e, q = result["end_to_end"], result["quality"]
+    stage_rows = "".join(
+        f"<tr><td>{s}</td><td>{_fmt(r['dense_wall_s'])}</td><td>{_fmt(r['sparse_wall_s'])}</td>"
+        f"<td>{r['speedup']:.2f}x</td><td>{_fmt(r['flops_saved_frac'], True)}</td>"
+        f"<td>{_fmt(r['visual_tokens_saved_frac'], True)}</td><td>{r['layer_skips']}</td></tr>"
+        for s, r in result["stages"].items()
+    )
+    quality_rows = "".join(
+        f"<tr><td>{name}</td><td>{_fmt(q[name]['eval_loss_captions'])}</td><td>{_fmt(q[name]['eval_loss_qa'])}</td>"
+        f"<td>{_fmt(q[name]['answer_accuracy'], True)}</td><td>{q[name]['answered']}</td></tr>"
+        for name in ("dense", "sparse")
+    )
+    phases = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.1f}</td></tr>" for k, v in result["phases_s"].items())
+    figures = "".join(
+        f'<figure><img src="plots/{html.escape(n)}" width="560"><figcaption>{html.escape(n)}</figcaption></figure>'
+        for n in copied
+    )
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>STS recipe: dense vs stage-aware sparse</title>
+<style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}}td,th{{padding:2px 10px;text-align:right}}
+td:first-child{{text-align:left}}figure{{display:inline-block;margin:6px}}pre{{background:#f4f4f4;padding:8px}}</style>
+</head><body>
+<h1>Dense vs stage-aware sparse training</h1>
+<p>Same data, same initial weights, same steps. The sparse run follows <code>schedule.yaml</code>, derived by
+<code>sts-profile analyze</code> from the dense run's checkpoints. Evaluation is dense for both.</p>
+<h2>End to end</h2>
+<p><b>{e2e['speedup']:.2f}x</b> faster training wall time ({_fmt(e2e['dense_wall_s'])} s dense vs
+{_fmt(e2e['sparse_wall_s'])} s sparse); analytic LLM FLOPs saved: {_fmt(e2e['flops_saved_frac'], True)}.</p>
+<img src="wall_time.png" width="420">
+<h2>Per stage</h2>
+<table><tr><th>stage</th><th>dense s</th><th>sparse s</th><th>speedup</th><th>FLOPs saved</th>
+<th>visual tokens saved</th><th>layer skips</th></tr>{stage_rows}</table>
+<h2>Quality (held-out, dense evaluation)</h2>
+<table><tr><th>run</th><th>caption loss</th><th>QA loss</th><th>answer accuracy</th><th>answered</th></tr>
+{quality_rows}</table>
+<h2>Redundancy measured on the dense run</h2>{figures}
+<h2>Schedule</h2><pre>{html.escape((tmp / 'schedule.yaml').read_text())}</pre>
+<h2>Phases (wall time, s)</h2><table>{phases}</table>
+</body></html>
+"""
+    (tmp / "index.html").write_text(page)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out / "index.html"
+
+
+def summary_markdown(result: dict) -> str:
+    """A Markdown table of the headline numbers (for READMEs)."""
+    e2e, q = result["end_to_end"], result["quality"]
+    lines = ["| | dense | sparse |", "|---|---|---|",
+             f"| training wall time (s) | {e2e['dense_wall_s']:.0f} | {e2e['sparse_wall_s']:.0f} |",
+             f"| QA answer accuracy | {100 * q['dense']['answer_accuracy']:.1f}% | "
+             f"{100 * q['sparse']['answer_accuracy']:.1f}% |",
+             f"| QA eval loss | {q['dense']['eval_loss_qa']:.3f} | {q['sparse']['eval_loss_qa']:.3f} |"]
+    return "\n".join(lines)
+
+
+__all__ = ["write_comparison", "summary_markdown", "atomic_write_text"]

@@ -1,0 +1,206 @@
+"""The stage-aware recipe end to end: dense run -> profile -> schedule -> sparse run -> compare.
+
+    sts-profile recipe --out reports/demo            # the README's main command runs this
+
+1. generate the shapes data set (LLaVA JSON + PNGs);
+2. train the model densely: alignment (projector only), then instruction tuning (projector +
+   LLM) from the alignment run's final checkpoint, saving checkpoints at regular steps;
+3. ``analyze`` the dense run (both stages) and derive ``schedule.yaml`` within the budget;
+4. train again from the same initial weights with the schedule (alignment with the
+   compressor, instruction tuning with the skipper, as the schedule says);
+5. evaluate both final models densely on the held-out splits (loss, answer accuracy);
+6. write the comparison report (``index.html`` + ``summary.json`` + plots) under ``--out``.
+
+Every phase prints its wall time as it ends; training shows the HF progress bar.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from sts_train.clitools import echo
+from sts_train.config import DataConfig, ModelConfig, RunConfig, ScheduleConfig, StageConfig, TrainingConfig
+from sts_train.configtools import atomic_write_text
+from sts_train.errors import StsError
+
+STAGE_ORDER = ("alignment", "instruction")
+
+
+@dataclass(frozen=True)
+class RecipeConfig:
+    """Sizes and budgets of one recipe run (defaults: the README demo, ~15 min on 2 cores)."""
+
+    out: str = "reports/demo"
+    work: str = "runs/demo"
+    size: str = "demo"
+    seed: int = 0
+    n_alignment: int = 400
+    n_instruction: int = 600
+    n_eval: int = 60
+    alignment_steps: int = 60
+    instruction_steps: int = 150
+    batch_size: int = 4
+    lr_alignment: float = 2e-3
+    lr_instruction: float = 1e-3
+    checkpoints_per_stage: int = 3
+    profile_samples: int = 8
+    target_speedup: float | None = 2.0
+    max_loss_increase: float | None = None
+    policy: str = "profile"
+    eval_limit: int | None = None
+    overwrite: bool = False
+
+
+class Phases:
+    """Times phases and prints ``[recipe] name: N.N s`` as each ends."""
+
+    def __init__(self):
+        self.times: dict[str, float] = {}
+        self.start = time.perf_counter()
+
+    def run(self, name: str, fn, *args, **kwargs):
+        echo(f"[recipe] {name} ...")
+        t0 = time.perf_counter()
+        result = fn(*args, **kwargs)
+        self.times[name] = time.perf_counter() - t0
+        echo(f"[recipe] {name}: {self.times[name]:.1f} s (total {time.perf_counter() - self.start:.0f} s)")
+        return result
+
+
+def _stage_run(cfg: RecipeConfig, data: dict, stage: str, out: Path, model: ModelConfig,
+               schedule: Path | None) -> RunConfig:
+    steps = cfg.alignment_steps if stage == "alignment" else cfg.instruction_steps
+    save_every = max(1, steps // cfg.checkpoints_per_stage)
+    return RunConfig(
+        model=model,
+        data=DataConfig(json=str(data[stage]), images=str(data["images"].parent),
+                        eval_json=str(data[f"{stage}_eval"])),
+        stage=StageConfig(name=stage),
+        schedule=ScheduleConfig(path=str(schedule) if schedule else None, stage=stage if schedule else None),
+        training=TrainingConfig(
+            max_steps=steps, per_device_train_batch_size=cfg.batch_size, save_steps=save_every,
+            logging_steps=max(1, steps // 10),
+            learning_rate=cfg.lr_alignment if stage == "alignment" else cfg.lr_instruction,
+            warmup_steps=max(1, steps // 20), seed=cfg.seed,
+        ),
+        output_dir=str(out / stage),
+    )
+
+
+def train_two_stages(cfg: RecipeConfig, data: dict, out: Path, phases: Phases, label: str,
+                     schedule: Path | None = None) -> dict:
+    """Alignment from the factory model, then instruction tuning from its final checkpoint."""
+    from sts_train.train import train
+
+    summaries = {}
+    model = ModelConfig(size=cfg.size, seed=cfg.seed)
+    for stage in STAGE_ORDER:
+        run = _stage_run(cfg, data, stage, out, model, schedule)
+        summaries[stage] = phases.run(f"{label} {stage}", train, run, overwrite=cfg.overwrite)
+        model = ModelConfig(path=str(final_checkpoint(Path(run.output_dir))))
+    return summaries
+
+
+def final_checkpoint(run_dir: Path) -> Path:
+    ckpts = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    if not ckpts:
+        raise StsError(f"{run_dir}: no checkpoint-N was written; check save_steps")
+    return ckpts[-1]
+
+
+def evaluate_run(run_dir: Path, data: dict, limit: int | None) -> dict:
+    from sts_train.evaluate import evaluate_folder
+
+    final = final_checkpoint(run_dir / "instruction")
+    qa = evaluate_folder(final, data["instruction_eval"], data["images"].parent, limit=limit)
+    captions = evaluate_folder(final, data["alignment_eval"], data["images"].parent, accuracy=False)
+    return {"checkpoint": str(final), "eval_loss_qa": qa["eval_loss"], "answer_accuracy": qa["answer_accuracy"],
+            "answered": qa["answered"], "per_kind": qa["per_kind"], "eval_loss_captions": captions["eval_loss"]}
+
+
+def compare(dense: dict, sparse: dict, dense_eval: dict, sparse_eval: dict) -> dict:
+    """Side-by-side numbers of the two runs (wall time per stage, FLOPs, quality)."""
+    rows = {}
+    for stage in STAGE_ORDER:
+        d, s = dense[stage], sparse[stage]
+        rows[stage] = {
+            "dense_wall_s": d["wall_time_s"], "sparse_wall_s": s["wall_time_s"],
+            "speedup": d["wall_time_s"] / s["wall_time_s"],
+            "flops_saved_frac": 1 - s["flops"] / d["flops"],
+            "visual_tokens_saved_frac": s["visual_tokens_saved_frac"],
+            "layer_skips": s["layer_skips"],
+        }
+    dense_total = sum(dense[s]["wall_time_s"] for s in STAGE_ORDER)
+    sparse_total = sum(sparse[s]["wall_time_s"] for s in STAGE_ORDER)
+    return {
+        "stages": rows,
+        "end_to_end": {
+            "dense_wall_s": dense_total, "sparse_wall_s": sparse_total, "speedup": dense_total / sparse_total,
+            "flops_saved_frac": 1 - sum(sparse[s]["flops"] for s in STAGE_ORDER)
+            / sum(dense[s]["flops"] for s in STAGE_ORDER),
+        },
+        "quality": {"dense": dense_eval, "sparse": sparse_eval},
+    }
+
+
+def run_recipe(cfg: RecipeConfig) -> dict:
+    """Run the whole recipe; returns the comparison and writes the report under ``cfg.out``.
+
+    Raises:
+        StsError: the work or report folder holds a previous recipe (pass ``overwrite``).
+    """
+    from sts_profile.analysis import AnalyzeConfig, run_analysis
+    from sts_profile.compare_report import write_comparison
+    from sts_train.shapes import generate_shapes
+    from sts_train.factory import get_size
+
+    work, out = Path(cfg.work), Path(cfg.out)
+    for folder in (work, out):
+        if folder.exists() and any(folder.iterdir()) and not cfg.overwrite:
+            raise StsError(f"{folder}: holds an earlier recipe run; choose another folder or pass --overwrite")
+    if cfg.overwrite:
+        for folder in (work, out):
+            shutil.rmtree(folder, ignore_errors=True)
+    spec = get_size(cfg.size)
+    phases = Phases()
+    data = phases.run("data", generate_shapes, work / "data", n_alignment=cfg.n_alignment,
+                      n_instruction=cfg.n_instruction, n_eval=cfg.n_eval, image_size_px=spec.image_size_px,
+                      seed=cfg.seed)
+    dense = train_two_stages(cfg, data, work / "dense", phases, "dense")
+    analysis = phases.run("analyze", run_analysis, AnalyzeConfig(
+        ckpt_dir=str(work / "dense"), out_dir=str(work / "analysis"),
+        data_json=str(data["instruction_eval"]), images=str(data["images"].parent),
+        num_samples=cfg.profile_samples, batch_size=4, seed=cfg.seed,
+        target_speedup=cfg.target_speedup, max_loss_increase=cfg.max_loss_increase, policy=cfg.policy,
+    ))
+    schedule = Path(analysis.out_dir) / "schedule.yaml"
+    sparse = train_two_stages(cfg, data, work / "sparse", phases, "sparse", schedule=schedule)
+    dense_eval = phases.run("evaluate dense", evaluate_run, work / "dense", data, cfg.eval_limit)
+    sparse_eval = phases.run("evaluate sparse", evaluate_run, work / "sparse", data, cfg.eval_limit)
+    result = compare(dense, sparse, dense_eval, sparse_eval)
+    result["phases_s"] = dict(phases.times)
+    result["config"] = {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}
+    report = phases.run("report", write_comparison, out, result, analysis_dir=Path(analysis.out_dir),
+                        schedule=schedule)
+    e2e = result["end_to_end"]
+    echo(f"[recipe] end to end: dense {e2e['dense_wall_s']:.0f} s, sparse {e2e['sparse_wall_s']:.0f} s, "
+         f"speedup {e2e['speedup']:.2f}x; accuracy dense {dense_eval['answer_accuracy']:.3f} "
+         f"vs sparse {sparse_eval['answer_accuracy']:.3f} -> {report}")
+    return result
+
+
+def test_size(cfg: RecipeConfig) -> RecipeConfig:
+    """The same pipeline at the ``test`` size (seconds, for the test suite)."""
+    return replace(cfg, size="test", n_alignment=16, n_instruction=24, n_eval=8, alignment_steps=6,
+                   instruction_steps=8, batch_size=4, checkpoints_per_stage=2, profile_samples=4)
+
+
+__all__ = ["RecipeConfig", "run_recipe", "train_two_stages", "evaluate_run", "compare", "test_size"]
+
+
+def _dump(path: Path, data: dict) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")

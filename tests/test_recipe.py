@@ -1,0 +1,52 @@
+"""The whole recipe at the test size: train -> analyze -> schedule -> sparse train -> evaluate -> report."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from sts_profile.cli import app
+from sts_train.schedule import load_schedule
+
+pytestmark = pytest.mark.slow
+
+
+def test_recipe_end_to_end_test_size(tmp_path):
+    work, out = tmp_path / "work", tmp_path / "report"
+    res = CliRunner().invoke(app, ["recipe", "--size", "test", "--work", str(work), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "summary.json").read_text())
+    # both runs trained both stages from checkpoints the dense analysis saw
+    for run in ("dense", "sparse"):
+        for stage, steps in (("alignment", 6), ("instruction", 8)):
+            assert (work / run / stage / f"checkpoint-{steps}" / "model.safetensors").is_file()
+    dense_log = [json.loads(x) for x in (work / "dense" / "instruction" / "sts_log.jsonl").read_text().splitlines()]
+    sparse_log = [json.loads(x) for x in (work / "sparse" / "instruction" / "sts_log.jsonl").read_text().splitlines()]
+    assert all(r["flops"] == r["dense_flops"] and not r["skipped_layers"] for r in dense_log)
+    schedule = load_schedule(out / "schedule.yaml")
+    assert {s.name for s in schedule.stages} == {"alignment", "instruction"}
+    # the sparse run did what the schedule says at each step
+    for r in sparse_log:
+        plan = schedule.plan(r["step"], num_layers=2, stage="instruction", total_steps=8)
+        assert r["keep_ratio"] == pytest.approx(plan.keep_ratio)
+        assert set(r["skipped_layers"]) <= {i for i, p in enumerate(plan.skip_prob) if p > 0}
+    flops_saved = 1 - sum(r["flops"] for r in sparse_log) / sum(r["flops"] for r in dense_log)
+    assert summary["stages"]["instruction"]["flops_saved_frac"] == pytest.approx(flops_saved)
+    q = summary["quality"]
+    for run in ("dense", "sparse"):
+        assert q[run]["answered"] == 8 and 0.0 <= q[run]["answer_accuracy"] <= 1.0
+        assert q[run]["eval_loss_qa"] > 0 and q[run]["eval_loss_captions"] > 0
+    page = (out / "index.html").read_text()
+    assert "Dense vs stage-aware sparse training" in page and "schema_version: 1" in page
+    assert (out / "wall_time.png").stat().st_size > 1000 and list((out / "plots").glob("redundancy_*.png"))
+    assert set(summary["phases_s"]) >= {"data", "dense alignment", "analyze", "sparse instruction", "evaluate sparse"}
+
+
+def test_recipe_refuses_existing_work_folder(tmp_path):
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "mine.txt").write_text("keep")
+    res = CliRunner().invoke(app, ["recipe", "--size", "test", "--work", str(tmp_path / "work"),
+                                   "--out", str(tmp_path / "report")])
+    assert res.exit_code == 2
+    assert "holds an earlier recipe run; choose another folder or pass --overwrite" in res.output
+    assert (tmp_path / "work" / "mine.txt").read_text() == "keep"
