@@ -89,10 +89,10 @@ def merge(features: torch.Tensor, keep_ratio: float, **_) -> torch.Tensor:
         merged_a = best.argsort(descending=True)[:n_merge]
         keep_a = torch.ones(a.shape[0], dtype=torch.bool, device=x.device)
         keep_a[merged_a] = False
-        size_a, size_b = size[0::2], size[1::2].clone()
-        b_sum = b * size_b
-        b_sum.index_add_(0, match[merged_a], a[merged_a] * size_a[merged_a])
-        size_b.index_add_(0, match[merged_a], size_a[merged_a])
+        size_a, size_b = size[0::2], size[1::2]
+        # out-of-place index_add: autograd saved size_b for b * size_b
+        b_sum = (b * size_b).index_add(0, match[merged_a], a[merged_a] * size_a[merged_a])
+        size_b = size_b.index_add(0, match[merged_a], size_a[merged_a])
         b = b_sum / size_b
         x = torch.cat([a[keep_a], b])
         size = torch.cat([size_a[keep_a], size_b])

@@ -208,6 +208,17 @@ def test_compressed_forward_runs_shorter_sequence_with_pooled_features(small):
     assert comp.last_seq_len == batch["input_ids"].shape[1]
 
 
+@pytest.mark.parametrize("method", sorted(COMPRESSORS))
+def test_every_compressor_trains_end_to_end(small, method):
+    model, parts = small
+    comp = TokenCompressor(model, parts, pad_token_id=0)
+    comp.set(method, 0.25, torch.Generator().manual_seed(0))
+    model(**_batch(parts)).loss.backward()
+    grad = parts.projector.linear_1.weight.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    assert comp.last_kept_visual_tokens == 2 * 16
+
+
 def test_compress_features_rejects_unknown_method():
     with pytest.raises(ScheduleError, match="unknown token method 'pool'; use one of uniform"):
         compress_features([torch.zeros(4, 2)], "pool", 0.5, grid=(2, 2))
