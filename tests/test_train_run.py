@@ -205,3 +205,19 @@ def test_unknown_config_key(run_setup):
     cfg["training"]["max_stepz"] = 3
     res = _cli(["train", _write(tmp / "run.yaml", cfg)])
     assert res.exit_code == 2 and "config.training.max_stepz: unknown key" in res.output
+
+
+def test_gradient_accumulation_has_one_plan_per_optimizer_step(run_setup):
+    tmp, cfg = run_setup
+    cfg["training"] = dict(cfg["training"], max_steps=3, save_steps=3, gradient_accumulation_steps=2)
+    train(load_run_config(_write(tmp / "run.yaml", cfg)))
+    log = [json.loads(line) for line in (tmp / "run" / "sts_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [0, 1, 2]
+    # both micro-batches (2 samples each, 16 visual tokens per image; one sample in 20 is
+    # text-only) are accounted to the optimizer step: one micro-batch holds at most 32 tokens
+    assert all(r["dense_visual_tokens"] in (48, 64) for r in log)
+    assert all(r["kept_visual_tokens"] * 4 == r["dense_visual_tokens"] for r in log)
+    sched = load_schedule(tmp / "schedule.yaml")
+    for r in log:
+        plan = sched.plan(r["step"], num_layers=2, stage="instruction", total_steps=3)
+        assert r["skipped_layers"] == list(sample_skipped_layers(plan.skip_prob, seed=7, step=r["step"]))
