@@ -147,8 +147,11 @@ def prepare(config) -> Plan:
     collate = LlavaCollator(pad_token_id=int(pad_id))
     items = [dataset[i] for i in picked]
     image_id = dataset.image_token_id
-    text_len = int(statistics.median(int((it["input_ids"] != image_id).sum()) for it in items))
     batches = [collate(items[k:k + config.batch_size]) for k in range(0, len(items), config.batch_size)]
+    # The cost model's text length is what the trainer pays for: rows run at the batch's padded
+    # length, so take the mean over rows of (padded length - the row's visual tokens).
+    text_len = round(statistics.mean(
+        int(b["input_ids"].shape[1]) - int(n) for b in batches for n in (b["input_ids"] == image_id).sum(1)))
     calibration = {"data_json": str(json_path), "images": None if images is None else str(images),
                    "num_samples": len(items), "seed": config.seed,
                    "sample_ids": [it["id"] for it in items]}
