@@ -34,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from sts_train.configtools import atomic_write_text
+
 TARGET_OVERHEAD = 1.25  # passive forward / plain forward
 FLAT_FRACTION_OF_MODEL = 0.5  # flat: peak RSS grows by < half a model's weights per checkpoint
 CHILD_MARK = "PROFILE_SPEED_CHILD "
@@ -229,15 +231,6 @@ def measure_runs(args, tmp: Path) -> dict:
     }
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.chmod(tmp_name, 0o644)  # mkstemp creates 0600
-    os.replace(tmp_name, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="demo", help="factory size of the overhead measurement")
@@ -302,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(out, indent=2) + "\n"
     print(text, end="")
     if args.json is not None:
-        write_atomic(args.json, text)
+        atomic_write_text(args.json, text)
     return 0
 
 

@@ -44,6 +44,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from sts_train.configtools import atomic_write_text
+
 ARMS = ("dense", "paper", "uniform", "profile")
 STAGES = ("alignment", "instruction")
 PAPER_EPS, PAPER_CAP, UNIFORM_CAP = 0.2, 0.95, 0.9  # paper: alpha*(1+eps) < 0.95
@@ -279,13 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(result, indent=2, default=str) + "\n"
     print(text, end="")
     print("\n" + table + "\n\n" + "\n".join(notes + [f"{k}: {v}" for k, v in verdict.items()]))
-    if args.json is not None:  # atomic: temp file in the same folder, then rename
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{args.json.name}.", dir=args.json.parent)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600
-        os.replace(tmp_name, args.json)
+    if args.json is not None:
+        atomic_write_text(args.json, text)  # temp file in the same folder, then rename
     return 0
 
 

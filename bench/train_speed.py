@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from sts_train.configtools import atomic_write_text
+
 MODES = {  # name -> (token keep ratio, skipped decoder layers)
     "dense": (1.0, ()),
     "tokens": (0.25, ()),
@@ -225,13 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     text = json.dumps(out, indent=2) + "\n"
     print(text, end="")
-    if args.json is not None:  # atomic: temp file in the same folder, then rename
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{args.json.name}.", dir=args.json.parent)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600
-        os.replace(tmp_name, args.json)
+    if args.json is not None:
+        atomic_write_text(args.json, text)  # temp file in the same folder, then rename
     return 0
 
 

@@ -27,12 +27,13 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from sts_train.adapters import ModelParts, model_parts
-from sts_train.compress import TokenCompressor, kept_count
+from sts_train.compress import TokenCompressor
 from sts_train.config import RunConfig
 from sts_train.configtools import atomic_write_text, dump_yaml
 from sts_train.errors import DataError, ScheduleError, StsError
 from sts_train.flops import LayerDims, llm_step_flops
 from sts_train.schedule import Schedule, load_schedule, sample_skipped_layers
+from sts_train.skipper import LayerSkipper
 
 RUN_CONFIG_FILE = "sts_run.yaml"
 LOG_FILE = "sts_log.jsonl"
@@ -69,7 +70,7 @@ class SparsityController:
     seed: int
     parts: ModelParts
     compressor: TokenCompressor
-    skipper: "LayerSkipper"  # noqa: F821
+    skipper: LayerSkipper
     llm_trainable: bool
     total_steps: int = 0
     current: StepStats | None = None
@@ -295,7 +296,6 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -
     """
     from sts_train.data import LlavaCollator, LlavaDataset
     from sts_train.modelio import load_model_and_processor
-    from sts_train.skipper import LayerSkipper
 
     out = config.output_path
     _check_output_dir(out, resume, overwrite)

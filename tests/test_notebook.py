@@ -1,6 +1,5 @@
 """The redundancy-curves notebook executes against a test-size analysis (so it cannot rot)."""
 
-import os
 from pathlib import Path
 
 import nbformat
