@@ -1,0 +1,61 @@
+"""The small sts-train commands: make-data, make-model, plan, evaluate."""
+
+import json
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+from transformers import AutoModelForImageTextToText
+
+from sts_train.cli import app
+
+runner = CliRunner()
+
+
+def test_make_data_and_refuse_overwrite(tmp_path):
+    out = tmp_path / "d"
+    res = runner.invoke(app, ["make-data", str(out), "--n-alignment", "3", "--n-instruction", "4",
+                              "--n-eval", "2", "--image-size", "56"])
+    assert res.exit_code == 0, res.output
+    assert len(json.loads((out / "instruction.json").read_text())) == 4
+    # one image per sample: 3 captions, 4 QA (text-only is every 20th), 2 + 2 held out
+    assert len(list((out / "images").glob("*.png"))) == 3 + 4 + 2 + 2
+    res = runner.invoke(app, ["make-data", str(out)])
+    assert res.exit_code == 2 and "not empty; choose a new folder or pass --overwrite" in res.output
+
+
+def test_make_model_loads_with_auto_class(tmp_path):
+    res = runner.invoke(app, ["make-model", "test", str(tmp_path / "m"), "--seed", "4"])
+    assert res.exit_code == 0, res.output
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "m")
+    assert model.config.text_config.num_hidden_layers == 2
+    res = runner.invoke(app, ["make-model", "giant", str(tmp_path / "g")])
+    assert res.exit_code == 2 and "unknown model size 'giant'" in res.output
+
+
+def test_plan_prints_the_paper_formula(tmp_path):
+    sched = tmp_path / "s.yaml"
+    sched.write_text(yaml.safe_dump({"schema_version": 1, "stages": [
+        {"name": "instruction", "layers": {"policy": "paper", "alpha": 0.5, "eps": 0.2, "never_skip": [0, -1]}}]}))
+    res = runner.invoke(app, ["plan", str(sched), "--layers", "4", "--steps", "10", "--every", "5"])
+    assert res.exit_code == 0, res.output
+    rows = [line.split() for line in res.output.splitlines()[1:]]
+    assert [r[0] for r in rows] == ["0", "5", "9"]
+    # step 0: 0.5 * (1 + 0.2 * (2l - 3) / 3) for l = 1, 2; first and last never skipped
+    assert rows[0][4:] == ["0.00", f"{0.5 * (1 - 0.2 / 3):.2f}", f"{0.5 * (1 + 0.2 / 3):.2f}", "0.00"]
+    # step 5 of 10: progress 0.5, factor (1 - 0.5)^2
+    assert rows[1][5] == f"{0.25 * 0.5 * (1 - 0.2 / 3):.2f}"
+    res = runner.invoke(app, ["plan", str(sched), "--layers", "4", "--steps", "10", "--stage", "nope"])
+    assert res.exit_code == 2 and "nope" in res.output
+
+
+def test_evaluate_command_writes_json(tmp_path, shapes_dir):
+    runner.invoke(app, ["make-model", "test", str(tmp_path / "m")])
+    out = tmp_path / "eval.json"
+    res = runner.invoke(app, ["evaluate", str(tmp_path / "m"), "--data", str(shapes_dir["instruction_eval"]),
+                              "--images", str(shapes_dir["images"].parent), "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    result = json.loads(out.read_text())
+    assert result["samples"] == 4 and result["answered"] == 4 and result["eval_loss"] > 0
+    res = runner.invoke(app, ["evaluate", str(tmp_path / "nothing"), "--data", str(shapes_dir["instruction_eval"])])
+    assert res.exit_code == 2 and "not a model folder" in res.output
