@@ -124,6 +124,20 @@ def test_analyze_writes_tables_plots_report_and_schedule(analyzed, trainer_run):
     assert analysis.schedule() == schedule
     manifest = json.loads((out / "analysis.json").read_text())
     assert manifest["ckpt_dir"] == str(trainer_run.resolve()) and manifest["num_layers"] == NUM_LAYERS
+    # the cost model's text length: padded batch length minus each row's visual tokens (one batch of 4)
+    from sts_train.data import load_llava_json
+
+    samples = {s["id"]: s for s in load_llava_json(_DATA["json"])}
+    ids = manifest["calibration"]["sample_ids"]
+    from sts_train.data import encode_conversation
+    from sts_train.factory import build_processor
+
+    tok = build_processor("test").tokenizer
+    rows = [(len(encode_conversation(samples[i]["conversations"], tok, num_image_tokens=16,
+                                     image_token_id=4)["input_ids"]), 16 if samples[i].get("image") else 0)
+            for i in ids]
+    padded = max(n for n, _ in rows)
+    assert len(ids) == 4 and manifest["text_len"] == round(sum(padded - v for _, v in rows) / len(rows))
 
 
 @pytest.mark.slow
