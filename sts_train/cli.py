@@ -138,7 +138,7 @@ def plan(
         sched.check_model(layers)
         every = every or max(1, steps // 10)
         typer.echo("step  stage         method       keep   skip_prob per layer")
-        for step in list(range(0, steps, every)) + [steps - 1]:
+        for step in sorted(set(range(0, steps, every)) | {steps - 1}):
             p = sched.plan(step, num_layers=layers, stage=stage, total_steps=steps)
             probs = " ".join(f"{x:.2f}" for x in p.skip_prob)
             typer.echo(f"{step:<5d} {str(p.stage):<13s} {str(p.method):<12s} {p.keep_ratio:<6.3f} {probs}")
