@@ -35,6 +35,9 @@ Rules per stage of the tables (plain, documented choices):
   measured token option plus just enough layer skipping, or a keep ratio between measured ones,
   its loss bounded by the next smaller measured ratio), the smallest predicted loss, recorded
   as the derived tolerance. Unknown layer loss ranks worse than any known loss.
+
+The trend fitting, cost model and candidate search live in :mod:`sts_profile.derive_search`;
+their public names are re-exported here.
 """
 
 from __future__ import annotations
@@ -49,20 +52,25 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
+from sts_profile.derive_search import (
+    MAX_SKIP_PROB, PROGRESS_POINTS, TREND_MIN_REL_RISE, _choose, _layer_model, _token_options,
+    _token_trend, fit_decay, predicted_speedup,
+)
 from sts_train.errors import StsError
-from sts_train.flops import LayerDims, layer_flops_fwd, lm_head_flops_fwd
+from sts_train.flops import LayerDims
 from sts_train.schedule import (
-    DECAY_CURVES, SCHEMA_VERSION, LayerSparsity, Schedule, Stage, StepRange, TokenSparsity,
-    dump_schedule,
+    SCHEMA_VERSION, LayerSparsity, Schedule, Stage, StepRange, TokenSparsity, dump_schedule,
 )
 
+__all__ = [
+    "FROZEN_ATOL", "FROZEN_RTOL", "MAX_SKIP_PROB", "POLICIES", "PROGRESS_POINTS", "TREND_MIN_REL_RISE",
+    "Budget", "derive_from_tables_dir", "derive_schedule", "fit_decay", "frozen_stages",
+    "paper_schedule", "predicted_speedup",
+]
+
 POLICIES = ("profile", "paper")
-MAX_SKIP_PROB = 0.9
-TREND_MIN_REL_RISE = 0.05
 FROZEN_RTOL, FROZEN_ATOL = 1e-4, 1e-6
-PROGRESS_POINTS = 200
 _STAGE_RANK = {"alignment": 0, "instruction": 1}
-_FITTED_CURVES = ("linear", "quadratic", "cosine")
 
 
 @dataclass(frozen=True)
@@ -167,306 +175,6 @@ def frozen_stages(layers: pd.DataFrame | None) -> list[str]:
                                       <= FROZEN_ATOL + FROZEN_RTOL * spread["max"].abs()).all()):
             out.append(stage)
     return out
-
-
-def _per_checkpoint_layer(df: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """``step x layer`` values of ``metric``: token_type ``all`` if measured, else the mean."""
-    m = df[df["metric"] == metric]
-    if (m["token_type"] == "all").any():
-        m = m[m["token_type"] == "all"]
-    return m.groupby(["step", "layer"])["value"].mean().unstack("layer").sort_index()
-
-
-def fit_decay(progress: list[float], need: list[float]) -> tuple[str, dict]:
-    """Pick the decay curve whose shape best fits a rising "need" series (rules in module doc).
-
-    Args:
-        progress: stage progress in [0, 1] of each checkpoint, increasing.
-        need: the measured need per checkpoint (higher = less redundant).
-
-    Returns:
-        ``(curve, info)``; info holds the relative rise and the residual of each curve.
-    """
-    x, y = np.asarray(progress, float), np.asarray(need, float)
-    ok = np.isfinite(x) & np.isfinite(y)
-    x, y = x[ok], y[ok]
-    if len(x) < 2 or np.ptp(x) == 0:
-        return "constant", {"reason": "fewer than two checkpoints"}
-    rise = float((y[-1] - y[0]) / max(abs(y[0]), 1e-12))
-    info: dict = {"rel_rise": rise}
-    if rise <= TREND_MIN_REL_RISE:
-        return "constant", info
-    residual = {}
-    for name in _FITTED_CURVES:
-        f = np.array([1.0 - DECAY_CURVES[name](v) for v in x])
-        design = np.stack([np.ones_like(f), f], axis=1)
-        coef, *_ = np.linalg.lstsq(design, y, rcond=None)
-        residual[name] = float(np.sum((design @ coef - y) ** 2)) if coef[1] > 0 else math.inf
-    info["residual"] = residual
-    best = min(_FITTED_CURVES, key=lambda n: (round(residual[n], 12), _FITTED_CURVES.index(n)))
-    return best, info
-
-
-def _progress(steps: list[int], stage_range: tuple[int, int] | None) -> list[float]:
-    if stage_range is not None:
-        start, end = stage_range
-        return [min(max((s - start) / (end - start), 0.0), 1.0) for s in steps]
-    lo, hi = min(steps), max(steps)
-    return [0.0 if hi == lo else (s - lo) / (hi - lo) for s in steps]
-
-
-# ---------------------------------------------------------------------------- cost model
-
-def _kept_visual(method: str | None, num_visual_tokens: int, keep_ratio: float) -> int:
-    """Visual tokens the trainer's compressor keeps (pooled grid for uniform on a square grid)."""
-    from sts_train.compress import kept_count, pooled_grid  # imports torch: keep it lazy
-
-    if method is None or keep_ratio >= 1.0:
-        return num_visual_tokens
-    side = math.isqrt(num_visual_tokens)
-    if method == "uniform" and side * side == num_visual_tokens:
-        rows, cols = pooled_grid((side, side), keep_ratio)
-        return rows * cols
-    return kept_count(num_visual_tokens, keep_ratio)
-
-
-def _seq_cost(seq_len: int, dims: LayerDims | None) -> tuple[float, float]:
-    """(one decoder layer, LM head) forward FLOPs at ``seq_len``; linear model without dims."""
-    if dims is None:
-        return float(seq_len), 0.0
-    return float(layer_flops_fwd(seq_len, dims)["total"]), lm_head_flops_fwd(seq_len, dims)
-
-
-@dataclass
-class _Cost:
-    """Sums over the progress grid: sparse total = ``base - S * fa`` for ``S = sum_l p_l(0)``."""
-
-    dense: float
-    base: float
-    fa: float
-
-    def speedup(self, total_skip: float) -> float:
-        return self.dense / (self.base - total_skip * self.fa)
-
-
-def _cost(tokens: TokenSparsity | None, decay: str, *, num_layers: int, dims: LayerDims | None,
-          text_len: int, num_visual_tokens: int) -> _Cost:
-    layer_d, head_d = _seq_cost(text_len + num_visual_tokens, dims)
-    dense = base = fa = 0.0
-    for i in range(PROGRESS_POINTS):
-        x = (i + 0.5) / PROGRESS_POINTS
-        ratio = 1.0 if tokens is None else tokens.keep_ratio_at(x)
-        kept = _kept_visual(None if tokens is None else tokens.method, num_visual_tokens, ratio)
-        layer, head = _seq_cost(text_len + kept, dims)
-        dense += num_layers * layer_d + head_d
-        base += num_layers * layer + head
-        fa += DECAY_CURVES[decay](x) * layer
-    return _Cost(dense, base, fa)
-
-
-def predicted_speedup(schedule: Schedule, *, num_layers: int, dims: LayerDims | None, text_len: int,
-                      num_visual_tokens: int, stage: str) -> float:
-    """Predicted LLM FLOPs ratio dense / sparse of one stage, averaged over its progress.
-
-    Sums the analytic training FLOPs (:mod:`sts_train.flops`; expected skipped layers
-    ``sum_l p_l(x)``) over 200 progress points and returns ``sum dense / sum sparse``.
-
-    Raises:
-        ScheduleError: no stage named ``stage`` or a layer policy that does not fit.
-    """
-    chosen = schedule.stage_named(stage)
-    layer_d, head_d = _seq_cost(text_len + num_visual_tokens, dims)
-    dense = sparse = 0.0
-    for i in range(PROGRESS_POINTS):
-        x = (i + 0.5) / PROGRESS_POINTS
-        tok = chosen.tokens
-        kept = _kept_visual(None if tok is None else tok.method, num_visual_tokens,
-                            1.0 if tok is None else tok.keep_ratio_at(x))
-        skipped = 0.0 if chosen.layers is None else sum(chosen.layers.skip_prob_at(x, num_layers))
-        layer, head = _seq_cost(text_len + kept, dims)
-        dense += num_layers * layer_d + head_d
-        sparse += (num_layers - skipped) * layer + head
-    return dense / sparse
-
-
-# ---------------------------------------------------------------------------- per-stage choice
-
-@dataclass
-class _Layers:
-    """Skip shape of a stage: ``p_l = min(0.9, c * w_l)``; ``delta`` is None when loss is unknown."""
-
-    weights: list[float]
-    delta: list[float] | None
-    decay: str
-
-    def probs(self, scale: float) -> list[float]:
-        return [min(MAX_SKIP_PROB, scale * w) for w in self.weights]
-
-    @property
-    def top_scale(self) -> float:
-        return MAX_SKIP_PROB / min(w for w in self.weights if w > 0)
-
-    @property
-    def max_total(self) -> float:
-        return MAX_SKIP_PROB * sum(w > 0 for w in self.weights)
-
-    def loss(self, probs: list[float]) -> float:
-        if self.delta is None:
-            return math.nan
-        return float(sum(p * max(d, 0.0) for p, d in zip(probs, self.delta)))
-
-    def scale_for_total(self, total: float) -> float:
-        """Smallest scale (within 1e-12) whose ``sum_l p_l`` reaches ``total``."""
-        lo, hi = 0.0, self.top_scale
-        for _ in range(80):
-            mid = 0.5 * (lo + hi)
-            lo, hi = (mid, hi) if sum(self.probs(mid)) < total else (lo, mid)
-        return hi
-
-    def scale_for_loss(self, tolerance: float) -> float:
-        """Largest scale whose predicted loss stays within ``tolerance``."""
-        lo, hi = 0.0, self.top_scale
-        if self.loss(self.probs(hi)) <= tolerance:
-            return hi
-        for _ in range(80):
-            mid = 0.5 * (lo + hi)
-            lo, hi = (mid, hi) if self.loss(self.probs(mid)) <= tolerance else (lo, mid)
-        return lo
-
-
-def _layer_model(df: pd.DataFrame, num_layers: int, steps_range: tuple[int, int] | None,
-                 ) -> tuple[_Layers | None, dict]:
-    """The skip shape of a stage (None if no skippable layer is measured) and its provenance."""
-    metric, sens = None, {}
-    for metric in ("skip_loss_delta", "block_influence"):
-        values = _per_checkpoint_layer(df, metric).max(axis=0)
-        sens = {int(l): float(v) for l, v in values.items() if np.isfinite(v)}
-        if sens:
-            break
-    else:
-        metric = None
-    info: dict = {"metric": metric, "values": [sens.get(l) for l in range(num_layers)]}
-    eligible = [l for l in range(1, num_layers - 1) if l in sens]
-    if not eligible:
-        info["reason"] = "no skippable layer measured (first and last are never skipped)"
-        return None, info
-    clipped = {l: max(sens[l], 0.0) for l in eligible}
-    ref = float(np.median(list(clipped.values()))) or float(np.mean(list(clipped.values())))
-    weights = [0.0] * num_layers
-    for l in eligible:
-        weights[l] = 1.0 if ref <= 0 else ref / (clipped[l] + ref)
-    delta = None
-    if metric == "skip_loss_delta":
-        delta = [sens.get(l, 0.0) if weights[l] > 0 else 0.0 for l in range(num_layers)]
-    # The decay follows the need of the layers that will skip most (the less sensitive half).
-    low = [l for l in eligible if clipped[l] <= ref]
-    signal = "block_influence" if not _per_checkpoint_layer(df, "block_influence").empty else metric
-    table = _per_checkpoint_layer(df, signal)[low].dropna(how="all")
-    need = table.mean(axis=1)
-    if len(need) >= 2:
-        decay, fit = fit_decay(_progress(list(need.index), steps_range), list(need.values))
-    else:
-        decay, fit = "linear", {"reason": "fewer than two checkpoints; linear by default"}
-    info["decay"] = {"signal": signal, "layers": low, "need": list(need.values), "curve": decay, **fit}
-    return _Layers(weights, delta, decay), info
-
-
-def _token_options(df: pd.DataFrame) -> list[dict]:
-    """Measured (method, keep_ratio) with the max ``compress_loss_delta`` over checkpoints."""
-    m = df[(df["metric"] == "compress_loss_delta") & df["method"].isin(
-        ["uniform", "random", "text_guided", "merge"]) & (df["keep_ratio"] > 0) & (df["keep_ratio"] < 1)]
-    if m.empty:
-        return []
-    per = m.groupby(["method", "keep_ratio", "step"])["value"].mean().groupby(["method", "keep_ratio"]).max()
-    return [{"method": str(k[0]), "keep_ratio": float(k[1]), "loss_delta": float(v)}
-            for k, v in per.items() if np.isfinite(v)]
-
-
-def _token_trend(df: pd.DataFrame, steps_range: tuple[int, int] | None) -> tuple[float, str, dict]:
-    """(relax factor for keep_ratio_end, curve, provenance) from the token redundancy trend."""
-    metric = next((m for m in ("mergeable_frac", "neighbor_cosine") if (df["metric"] == m).any()), None)
-    need = 1.0 - df[df["metric"] == metric].groupby("step")["value"].mean().sort_index()
-    if metric is None or len(need) < 2:
-        return 1.0, "constant", {"metric": metric, "reason": "fewer than two checkpoints; constant"}
-    curve, fit = fit_decay(_progress(list(need.index), steps_range), list(need.values))
-    factor = 1.0 if curve == "constant" else float(need.iloc[-1] / need.iloc[0])
-    return factor, curve, {"metric": metric, "need": list(need.values), "curve": curve,
-                           "keep_ratio_end_factor": factor, **fit}
-
-
-def _tokens(method: str | None, ratio: float, relax: float, curve: str) -> TokenSparsity | None:
-    if method is None:
-        return None
-    end = round(min(1.0, ratio * relax), 4) if relax > 1.0 else ratio
-    return TokenSparsity(method, ratio, end, curve if end != ratio else "constant")
-
-
-def _choose(options: list[dict], layer_model: _Layers | None, relax: float, curve: str,
-            budget: Budget, cost_args: dict) -> dict:
-    """Evaluate the token options (plus layer skipping) against the budget; return the best."""
-    decay = "constant" if layer_model is None else layer_model.decay
-    n_layers = cost_args["num_layers"]
-    candidates = []
-
-    def add(kind: str, method: str | None, ratio: float, token_delta: float, measured: float | None) -> None:
-        tok = _tokens(method, ratio, relax, curve)
-        cost = _cost(tok, decay, **cost_args)
-        probs = [0.0] * n_layers
-        if budget.target_speedup is not None:
-            need = (cost.base - cost.dense / budget.target_speedup) / cost.fa
-            if need > 0 and layer_model is not None:
-                scale = layer_model.scale_for_total(min(need, layer_model.max_total))
-                probs = [min(MAX_SKIP_PROB, math.ceil(p * 1e4) / 1e4) for p in layer_model.probs(scale)]
-        elif layer_model is not None and layer_model.delta is not None:
-            scale = layer_model.scale_for_loss(budget.max_loss_increase - token_delta)
-            probs = [math.floor(p * 1e4) / 1e4 for p in layer_model.probs(scale)]
-        total = sum(probs)
-        layer_loss = 0.0 if total == 0 else (math.nan if layer_model is None else layer_model.loss(probs))
-        candidates.append({
-            "kind": kind, "tokens": tok, "skip_prob": probs, "token_loss_delta": token_delta,
-            "bound_from_keep_ratio": measured, "predicted_speedup": cost.speedup(total),
-            "layer_loss": layer_loss, "unknown_layer_loss": total if math.isnan(layer_loss) else 0.0,
-            "predicted_loss_increase": token_delta + (0.0 if math.isnan(layer_loss) else layer_loss),
-        })
-
-    add("dense tokens", None, 1.0, 0.0, None)
-    for opt in options:
-        if budget.max_loss_increase is None or opt["loss_delta"] <= budget.max_loss_increase:
-            add("measured token option", opt["method"], opt["keep_ratio"], opt["loss_delta"], opt["keep_ratio"])
-    if budget.target_speedup is not None:
-        for method in sorted({o["method"] for o in options}):
-            measured = sorted((o["keep_ratio"], o["loss_delta"]) for o in options if o["method"] == method)
-            ratio = _ratio_for_target(method, measured[0][0], relax, curve, budget.target_speedup, cost_args)
-            if ratio is not None:
-                bound = max(r for r, _ in measured if r <= ratio)
-                add("token ratio between measured ones", method, ratio, dict(measured)[bound], bound)
-        target = budget.target_speedup
-        met = [c for c in candidates if c["predicted_speedup"] >= target * (1 - 1e-9)]
-        if met:
-            best = min(met, key=lambda c: (c["unknown_layer_loss"], c["predicted_loss_increase"],
-                                           c["predicted_speedup"]))
-        else:
-            best = max(candidates, key=lambda c: c["predicted_speedup"])
-        best["target_met"] = bool(met)
-    else:
-        best = min(candidates, key=lambda c: (-round(c["predicted_speedup"], 9), c["predicted_loss_increase"]))
-    best["candidates"] = len(candidates)
-    return best
-
-
-def _ratio_for_target(method: str, lowest: float, relax: float, curve: str, target: float,
-                      cost_args: dict) -> float | None:
-    """Largest start keep ratio (floored to 1e-3, >= ``lowest``) whose tokens alone reach ``target``."""
-    def speedup(r: float) -> float:
-        return _cost(_tokens(method, r, relax, curve), "constant", **cost_args).speedup(0.0)
-
-    if speedup(lowest) < target:
-        return None
-    lo, hi = lowest, 1.0
-    for _ in range(30):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if speedup(mid) >= target else (lo, mid)
-    return max(lowest, math.floor(lo * 1e3) / 1e3)
 
 
 # ---------------------------------------------------------------------------- public entry points
