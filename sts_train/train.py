@@ -217,6 +217,8 @@ def _freeze_for_stage(model, parts: ModelParts, config: RunConfig) -> None:
 
 def _check_schedule_fits(schedule: Schedule, parts: ModelParts, dataset, stage_name: str | None) -> None:
     schedule.check_model(parts.num_layers)
+    # a plan must be computable (e.g. a schedule of several unranged stages needs a stage name)
+    schedule.plan(0, num_layers=parts.num_layers, stage=stage_name, total_steps=1)
     stages = [schedule.stage_named(stage_name)] if stage_name else list(schedule.stages)
     for st in stages:
         if st.tokens is None:

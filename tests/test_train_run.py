@@ -155,6 +155,17 @@ def test_schedule_that_does_not_fit_the_model(run_setup, case, patch, message):
     assert not (tmp / "run").exists()
 
 
+def test_schedule_with_several_stages_needs_a_stage_name(run_setup):
+    tmp, cfg = run_setup
+    _write(tmp / "schedule.yaml", {"schema_version": 1, "stages": [
+        {"name": "alignment", "tokens": {"method": "uniform", "keep_ratio": 0.25}},
+        {"name": "instruction", "tokens": {"method": "uniform", "keep_ratio": 0.5}}]})
+    cfg["schedule"] = {"path": str(tmp / "schedule.yaml")}
+    res = _cli(["train", _write(tmp / "run.yaml", cfg)])
+    assert res.exit_code == 2 and "stage" in res.output and len(res.output.strip().splitlines()) == 1
+    assert not (tmp / "run").exists()
+
+
 def test_text_guided_needs_instruction_text(run_setup, shapes_dir):
     tmp, cfg = run_setup
     samples = json.loads(shapes_dir["instruction"].read_text())[:2]
