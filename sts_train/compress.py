@@ -86,7 +86,7 @@ def merge(features: torch.Tensor, keep_ratio: float, **_) -> torch.Tensor:
             break
         sim = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T
         best, match = sim.max(dim=-1)
-        merged_a = best.argsort(descending=True)[:n_merge]
+        merged_a = best.argsort(descending=True, stable=True)[:n_merge]
         keep_a = torch.ones(a.shape[0], dtype=torch.bool, device=x.device)
         keep_a[merged_a] = False
         size_a, size_b = size[0::2], size[1::2]
@@ -99,6 +99,42 @@ def merge(features: torch.Tensor, keep_ratio: float, **_) -> torch.Tensor:
         order = torch.cat([order[0::2][keep_a], order[1::2]])
         by_position = order.argsort()
         x, size, order = x[by_position], size[by_position], order[by_position]
+    return x.to(features.dtype)
+
+
+def merge_batch(features: torch.Tensor, keep_ratio: float) -> torch.Tensor:
+    """:func:`merge` for a batch ``(B, N, D)`` of images at once (same result, one loop for all).
+
+    The per-image Python rounds dominate a small model's step; batching them removes B-1 of them.
+    """
+    batch, n_tokens, dim = features.shape
+    target = kept_count(n_tokens, keep_ratio)
+    x = features.float()
+    size = torch.ones(batch, n_tokens, 1, dtype=x.dtype, device=x.device)
+    order = torch.arange(n_tokens, device=x.device, dtype=torch.float).expand(batch, n_tokens)
+
+    def take(t, idx):  # gather rows ``idx`` (B, k) of t (B, n, d)
+        return t.gather(1, idx.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+
+    while x.shape[1] > target:
+        a, b = x[:, 0::2], x[:, 1::2]
+        n_merge = min(x.shape[1] - target, a.shape[1], b.shape[1])
+        if n_merge == 0:
+            break
+        sim = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).transpose(1, 2)
+        best, match = sim.max(dim=-1)
+        ranked = best.argsort(dim=-1, descending=True, stable=True)
+        merged, kept = ranked[:, :n_merge], ranked[:, n_merge:].sort(dim=-1).values
+        size_a, size_b = size[:, 0::2], size[:, 1::2]
+        dst = match.gather(1, merged)
+        moved_size = take(size_a, merged)
+        b_sum = (b * size_b).scatter_add(1, dst.unsqueeze(-1).expand(-1, -1, dim), take(a, merged) * moved_size)
+        size_b = size_b.scatter_add(1, dst.unsqueeze(-1), moved_size)
+        x = torch.cat([take(a, kept), b_sum / size_b], 1)
+        size = torch.cat([take(size_a, kept), size_b], 1)
+        order = torch.cat([order[:, 0::2].gather(1, kept), order[:, 1::2]], 1)
+        by_position = order.argsort(dim=-1)
+        x, size, order = take(x, by_position), take(size, by_position), order.gather(1, by_position)
     return x.to(features.dtype)
 
 
@@ -127,6 +163,8 @@ def compress_features(
     if method not in COMPRESSORS:
         raise ScheduleError(f"unknown token method {method!r}; use one of {', '.join(COMPRESSORS)}")
     fn = COMPRESSORS[method]
+    if method == "merge" and len(features) > 1 and len({tuple(f.shape) for f in features}) == 1:
+        return list(merge_batch(torch.stack(features), keep_ratio))
     texts = texts if texts is not None else [None] * len(features)
     return [
         fn(f, keep_ratio, grid=grid, text=t, generator=generator) for f, t in zip(features, texts)

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from sts_train.adapters import model_parts
 from sts_train.compress import (
-    COMPRESSORS, TokenCompressor, compress_features, drop_placeholders, kept_count, merge, pooled_grid,
+    COMPRESSORS, TokenCompressor, compress_features, drop_placeholders, kept_count, merge, merge_batch,
+    pooled_grid,
 )
 from sts_train.errors import ScheduleError
 from sts_train.factory import build_model
@@ -159,6 +160,16 @@ def test_merge_is_size_weighted_and_reaches_target():
     assert merge(x, 0.125).shape == (72, 8)
     # total mass is preserved by size-weighted averaging when everything merges into one token
     torch.testing.assert_close(merge(x[:8], 1 / 8)[0], x[:8].mean(0), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.25, 0.125, 0.3])
+def test_batched_merge_equals_per_image_merge(keep):
+    g = torch.Generator().manual_seed(2)
+    feats = torch.randn(3, 64, 8, generator=g)
+    batched = merge_batch(feats, keep)
+    for i in range(3):
+        torch.testing.assert_close(batched[i], merge(feats[i], keep), rtol=1e-5, atol=1e-6)
+    assert torch.equal(torch.stack(compress_features(list(feats), "merge", keep, grid=(8, 8))), batched)
 
 
 def test_drop_placeholders_keeps_text_and_labels_aligned():
