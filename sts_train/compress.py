@@ -75,37 +75,13 @@ def text_guided(features: torch.Tensor, keep_ratio: float, *, text=None, **_) ->
 
 
 def merge(features: torch.Tensor, keep_ratio: float, **_) -> torch.Tensor:
-    target = kept_count(features.shape[0], keep_ratio)
-    x = features.float()
-    size = torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)
-    order = torch.arange(x.shape[0], device=x.device, dtype=torch.float)  # position of each token
-    while x.shape[0] > target:
-        a, b = x[0::2], x[1::2]
-        n_merge = min(x.shape[0] - target, a.shape[0], b.shape[0])
-        if n_merge == 0:
-            break
-        sim = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T
-        best, match = sim.max(dim=-1)
-        merged_a = best.argsort(descending=True, stable=True)[:n_merge]
-        keep_a = torch.ones(a.shape[0], dtype=torch.bool, device=x.device)
-        keep_a[merged_a] = False
-        size_a, size_b = size[0::2], size[1::2]
-        # out-of-place index_add: autograd saved size_b for b * size_b
-        b_sum = (b * size_b).index_add(0, match[merged_a], a[merged_a] * size_a[merged_a])
-        size_b = size_b.index_add(0, match[merged_a], size_a[merged_a])
-        b = b_sum / size_b
-        x = torch.cat([a[keep_a], b])
-        size = torch.cat([size_a[keep_a], size_b])
-        order = torch.cat([order[0::2][keep_a], order[1::2]])
-        by_position = order.argsort()
-        x, size, order = x[by_position], size[by_position], order[by_position]
-    return x.to(features.dtype)
+    return merge_batch(features.unsqueeze(0), keep_ratio)[0]
 
 
 def merge_batch(features: torch.Tensor, keep_ratio: float) -> torch.Tensor:
-    """:func:`merge` for a batch ``(B, N, D)`` of images at once (same result, one loop for all).
+    """Bipartite merging (see the module docstring) of a batch ``(B, N, D)`` of images at once.
 
-    The per-image Python rounds dominate a small model's step; batching them removes B-1 of them.
+    Each image is merged on its own; batching only shares the Python rounds between images.
     """
     batch, n_tokens, dim = features.shape
     target = kept_count(n_tokens, keep_ratio)
@@ -259,7 +235,8 @@ def compressed_forward(
     if pixel_values is None or keep_ratio >= 1.0:
         out = run(**batch)
         out.kept_visual_tokens = 0 if pixel_values is None else pixel_values.shape[0] * parts.num_visual_tokens
-        out.seq_len = batch["input_ids"].shape[1]
+        ids = batch.get("input_ids")
+        out.seq_len = 0 if ids is None else ids.shape[1]
         return out
     rest = {k: v for k, v in batch.items() if k not in ("pixel_values", "input_ids", "labels", "attention_mask")}
     input_ids, labels, attention_mask = batch["input_ids"], batch.get("labels"), batch["attention_mask"]
@@ -325,15 +302,10 @@ class TokenCompressor:
         def forward(*args, **kwargs):
             if args:
                 raise TypeError("pass the model inputs as keyword arguments")
-            if self.method is None or not (model.training or self.force):
-                out = run(**kwargs)
-                self.last_seq_len = kwargs["input_ids"].shape[1] if "input_ids" in kwargs else 0
-                pv = kwargs.get("pixel_values")
-                self.last_kept_visual_tokens = 0 if pv is None else pv.shape[0] * parts.num_visual_tokens
-                return out
+            active = self.method is not None and (model.training or self.force)
             out = compressed_forward(
-                model, kwargs, method=self.method, keep_ratio=self.keep_ratio, parts=parts,
-                pad_token_id=pad_token_id, generator=self.generator, run=run,
+                model, kwargs, method=self.method, keep_ratio=self.keep_ratio if active else 1.0,
+                parts=parts, pad_token_id=pad_token_id, generator=self.generator, run=run,
             )
             self.last_kept_visual_tokens, self.last_seq_len = out.kept_visual_tokens, out.seq_len
             return out
