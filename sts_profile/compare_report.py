@@ -17,7 +17,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from sts_train.configtools import atomic_write_text
 
 
 def _wall_time_plot(result: dict, path: Path) -> Path:
@@ -113,16 +112,3 @@ td:first-child{{text-align:left}}figure{{display:inline-block;margin:6px}}pre{{b
     tmp.rename(out)
     return out / "index.html"
 
-
-def summary_markdown(result: dict) -> str:
-    """A Markdown table of the headline numbers (for READMEs)."""
-    e2e, q = result["end_to_end"], result["quality"]
-    lines = ["| | dense | sparse |", "|---|---|---|",
-             f"| training wall time (s) | {e2e['dense_wall_s']:.0f} | {e2e['sparse_wall_s']:.0f} |",
-             f"| QA answer accuracy | {100 * q['dense']['answer_accuracy']:.1f}% | "
-             f"{100 * q['sparse']['answer_accuracy']:.1f}% |",
-             f"| QA eval loss | {q['dense']['eval_loss_qa']:.3f} | {q['sparse']['eval_loss_qa']:.3f} |"]
-    return "\n".join(lines)
-
-
-__all__ = ["write_comparison", "summary_markdown", "atomic_write_text"]

@@ -16,7 +16,6 @@ Every phase prints its wall time as it ends; training shows the HF progress bar.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import dataclass, replace
@@ -24,7 +23,6 @@ from pathlib import Path
 
 from sts_train.clitools import echo
 from sts_train.config import DataConfig, ModelConfig, RunConfig, ScheduleConfig, StageConfig, TrainingConfig
-from sts_train.configtools import atomic_write_text
 from sts_train.errors import StsError
 
 STAGE_ORDER = ("alignment", "instruction")
@@ -77,8 +75,8 @@ def _stage_run(cfg: RecipeConfig, data: dict, stage: str, out: Path, model: Mode
     save_every = max(1, steps // cfg.checkpoints_per_stage)
     return RunConfig(
         model=model,
-        data=DataConfig(json=str(data[stage]), images=str(data["images"].parent),
-                        eval_json=str(data[f"{stage}_eval"])),
+        # no eval_json: the held-out splits are evaluated once, after both stages (evaluate_run)
+        data=DataConfig(json=str(data[stage]), images=str(data["images"].parent)),
         stage=StageConfig(name=stage),
         schedule=ScheduleConfig(path=str(schedule) if schedule else None, stage=stage if schedule else None),
         training=TrainingConfig(
@@ -113,11 +111,13 @@ def final_checkpoint(run_dir: Path) -> Path:
 
 
 def evaluate_run(run_dir: Path, data: dict, limit: int | None) -> dict:
-    from sts_train.evaluate import evaluate_folder
+    from sts_train.evaluate import evaluate_split
+    from sts_train.modelio import load_model, load_processor
 
     final = final_checkpoint(run_dir / "instruction")
-    qa = evaluate_folder(final, data["instruction_eval"], data["images"].parent, limit=limit)
-    captions = evaluate_folder(final, data["alignment_eval"], data["images"].parent, accuracy=False)
+    model, processor = load_model(final), load_processor(final)
+    qa = evaluate_split(model, processor, data["instruction_eval"], data["images"].parent, limit=limit)
+    captions = evaluate_split(model, processor, data["alignment_eval"], data["images"].parent, accuracy=False)
     return {"checkpoint": str(final), "eval_loss_qa": qa["eval_loss"], "answer_accuracy": qa["answer_accuracy"],
             "answered": qa["answered"], "per_kind": qa["per_kind"], "eval_loss_captions": captions["eval_loss"]}
 
@@ -200,7 +200,3 @@ def test_size(cfg: RecipeConfig) -> RecipeConfig:
 
 
 __all__ = ["RecipeConfig", "run_recipe", "train_two_stages", "evaluate_run", "compare", "test_size"]
-
-
-def _dump(path: Path, data: dict) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")

@@ -81,6 +81,24 @@ def answer_accuracy(model, dataset, *, max_new_tokens: int = 4, limit: int | Non
     }
 
 
+def evaluate_split(model, processor, json_path: str | Path, images: str | Path | None, *,
+                   batch_size: int = 8, accuracy: bool = True, limit: int | None = None) -> dict:
+    """Evaluate a loaded model on one LLaVA JSON split: loss, and answer accuracy if asked.
+
+    Raises:
+        StsError: bad data (one-line messages).
+    """
+    from sts_train.adapters import model_parts
+    from sts_train.data import LlavaCollator, LlavaDataset
+
+    dataset = LlavaDataset(json_path, images, processor, num_image_tokens=model_parts(model).num_visual_tokens)
+    result = {"data": str(json_path), "samples": len(dataset),
+              "eval_loss": eval_loss(model, dataset, LlavaCollator(processor.tokenizer.pad_token_id), batch_size)}
+    if accuracy:
+        result.update(answer_accuracy(model, dataset, limit=limit))
+    return result
+
+
 def evaluate_folder(model_dir: str | Path, json_path: str | Path, images: str | Path | None, *,
                     batch_size: int = 8, accuracy: bool = True, limit: int | None = None) -> dict:
     """Load a model folder (plain transformers) and evaluate it on a LLaVA JSON split.
@@ -88,15 +106,8 @@ def evaluate_folder(model_dir: str | Path, json_path: str | Path, images: str | 
     Raises:
         StsError: bad model folder or data (one-line messages).
     """
-    from sts_train.adapters import model_parts
-    from sts_train.data import LlavaCollator, LlavaDataset
     from sts_train.modelio import load_model, load_processor
 
     model, processor = load_model(model_dir), load_processor(model_dir)
-    parts = model_parts(model)
-    dataset = LlavaDataset(json_path, images, processor, num_image_tokens=parts.num_visual_tokens)
-    result = {"model": str(model_dir), "data": str(json_path), "samples": len(dataset),
-              "eval_loss": eval_loss(model, dataset, LlavaCollator(processor.tokenizer.pad_token_id), batch_size)}
-    if accuracy:
-        result.update(answer_accuracy(model, dataset, limit=limit))
-    return result
+    return {"model": str(model_dir), **evaluate_split(model, processor, json_path, images, batch_size=batch_size,
+                                                      accuracy=accuracy, limit=limit)}

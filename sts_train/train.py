@@ -76,6 +76,9 @@ class SparsityController:
     current: StepStats | None = None
     history: list[StepStats] = field(default_factory=list)
 
+    def __post_init__(self):
+        self.dims = LayerDims.of(self.parts)
+
     def plan(self, step: int):
         if self.schedule is None:
             return None
@@ -104,16 +107,15 @@ class SparsityController:
         rows, dense_len = inputs["input_ids"].shape
         pixel_values = inputs.get("pixel_values")
         dense_visual = 0 if pixel_values is None else pixel_values.shape[0] * self.parts.num_visual_tokens
-        dims = LayerDims.of(self.parts)
         n_skipped = len(self.current.skipped_layers)
         self.current.kept_visual_tokens += self.compressor.last_kept_visual_tokens
         self.current.dense_visual_tokens += dense_visual
         self.current.flops += llm_step_flops(
-            [self.compressor.last_seq_len] * rows, dims, num_layers=self.parts.num_layers,
+            [self.compressor.last_seq_len] * rows, self.dims, num_layers=self.parts.num_layers,
             skipped_layers=n_skipped, llm_trainable=self.llm_trainable,
         )
         self.current.dense_flops += llm_step_flops(
-            [dense_len] * rows, dims, num_layers=self.parts.num_layers, llm_trainable=self.llm_trainable,
+            [dense_len] * rows, self.dims, num_layers=self.parts.num_layers, llm_trainable=self.llm_trainable,
         )
 
 
