@@ -160,15 +160,17 @@ def drop_placeholders(
     """Keep the first ``kept_per_image[k]`` placeholders of the k-th image run, drop the rest.
 
     Images are counted in batch order (row by row, left to right), as LLaVA scatters features.
-    Rows are re-packed to the left and right-padded to the new longest row.
+    Padding is dropped too, and rows are re-packed to the left and right-padded to the new
+    longest row: a row without an image (text-only) keeps only its own length, so it does not
+    hold the batch at the dense length.
 
     Returns:
         ``(input_ids, labels, attention_mask)`` of the shorter batch.
     """
     keep_rows, image_index = [], 0
-    for row in input_ids:
+    for row, row_mask in zip(input_ids, attention_mask):
         is_image = row == image_token_id
-        keep = torch.ones_like(is_image)
+        keep = row_mask > 0
         positions = is_image.nonzero().flatten()
         for start in range(0, positions.numel(), tokens_per_image):
             run = positions[start : start + tokens_per_image]

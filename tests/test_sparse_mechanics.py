@@ -178,9 +178,21 @@ def test_drop_placeholders_keeps_text_and_labels_aligned():
     mask = torch.tensor([[1] * 8, [1] * 7 + [0]])
     new_ids, new_labels, new_mask = drop_placeholders(
         ids, labels, mask, image_token_id=4, tokens_per_image=4, kept_per_image=[1, 2], pad_token_id=0)
-    assert new_ids.tolist() == [[1, 4, 7, 8, 9, 0], [1, 7, 4, 4, 8, 0]]
-    assert new_labels.tolist() == [[-100, -100, -100, 8, 9, -100], [-100, -100, -100, -100, 8, -100]]
-    assert new_mask.tolist() == [[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 0]]
+    assert new_ids.tolist() == [[1, 4, 7, 8, 9], [1, 7, 4, 4, 8]]
+    assert new_labels.tolist() == [[-100, -100, -100, 8, 9], [-100, -100, -100, -100, 8]]
+    assert new_mask.tolist() == [[1] * 5, [1] * 5]
+
+
+def test_drop_placeholders_shortens_a_batch_with_a_text_only_row():
+    # row 1 has no image: its padding must not keep the batch at the dense length
+    ids = torch.tensor([[1, 4, 4, 4, 4, 7, 8, 9], [1, 7, 8, 0, 0, 0, 0, 0]])
+    labels = torch.tensor([[-100] * 6 + [8, 9], [-100, -100, 8] + [-100] * 5])
+    mask = (ids != 0).long()
+    new_ids, new_labels, new_mask = drop_placeholders(
+        ids, labels, mask, image_token_id=4, tokens_per_image=4, kept_per_image=[1], pad_token_id=0)
+    assert new_ids.tolist() == [[1, 4, 7, 8, 9], [1, 7, 8, 0, 0]]
+    assert new_labels.tolist() == [[-100, -100, -100, 8, 9], [-100, -100, 8, -100, -100]]
+    assert new_mask.tolist() == [[1] * 5, [1, 1, 1, 0, 0]]
 
 
 def test_compressed_forward_runs_shorter_sequence_with_pooled_features(small):
