@@ -37,10 +37,10 @@ class RecipeConfig:
     size: str = "demo"
     seed: int = 0
     n_alignment: int = 400
-    n_instruction: int = 600
-    n_eval: int = 60
+    n_instruction: int = 1200
+    n_eval: int = 200
     alignment_steps: int = 60
-    instruction_steps: int = 150
+    instruction_steps: int = 300
     batch_size: int = 4
     lr_alignment: float = 2e-3
     lr_instruction: float = 1e-3

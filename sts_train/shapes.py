@@ -8,7 +8,8 @@ Files written (all JSON in the LLaVA format that :mod:`sts_train.data` reads)::
 
     images/*.png            one PNG per image sample, named after the sample id
     alignment.json          captions: "<image>\\nDescribe the image briefly." -> "A small red ..."
-    instruction.json        one-word QA (color, shape, position, size, background), ~5% text-only
+    instruction.json        multi-turn one-word QA: each image is asked all five kinds (color, shape,
+                            position, size, background) in random order; ~5% text-only
     alignment_eval.json     held-out captions (own images, own random stream)
     instruction_eval.json   held-out QA
     dataset_info.json       seed, counts, image size, question kinds
@@ -45,7 +46,6 @@ QUESTIONS = {
 CAPTION_PROMPT = "Describe the image briefly."
 TEXT_ONLY_KINDS = ("text_shape", "text_color")
 TEXT_ONLY_EVERY = 20  # every 20th instruction sample is text-only (5%)
-SECOND_TURN_PROB = 0.3  # share of image QA samples that get a second question
 
 _RGB = {
     "red": (220, 30, 30), "green": (30, 160, 60), "blue": (40, 80, 220),
@@ -154,16 +154,18 @@ def _render(params: dict, size_px: int):
 
 
 def _qa_sample(rng: random.Random, sample_id: str, image: str, params: dict) -> dict:
-    """An instruction sample: one or two one-word questions about the image."""
-    kinds = rng.sample(QUESTION_KINDS, 2)
-    n_turns = 2 if rng.random() < SECOND_TURN_PROB else 1
-    answer = {"color": params["color"], "shape": params["shape"], "position": params["position"],
-              "size": params["size"], "background": params["background"]}
+    """An instruction sample: every question kind about the image, one turn each, in random order.
+
+    Like LLaVA-Instruct's multi-turn conversations, one image carries several supervised answers,
+    so a step over its (long) visual token sequence teaches five answers instead of one. The
+    sample's ``kind`` is its first question, which answer accuracy scores.
+    """
+    kinds = rng.sample(QUESTION_KINDS, len(QUESTION_KINDS))
     conversations = []
-    for t, kind in enumerate(kinds[:n_turns]):
+    for t, kind in enumerate(kinds):
         prefix = "<image>\n" if t == 0 else ""
         conversations += [{"from": "human", "value": prefix + QUESTIONS[kind]},
-                          {"from": "gpt", "value": answer[kind]}]
+                          {"from": "gpt", "value": params[kind]}]
     return {"id": sample_id, "image": image, "kind": kinds[0], "conversations": conversations}
 
 

@@ -169,8 +169,9 @@ def test_schedule_with_several_stages_needs_a_stage_name(run_setup):
 def test_text_guided_needs_instruction_text(run_setup, shapes_dir):
     tmp, cfg = run_setup
     samples = json.loads(shapes_dir["instruction"].read_text())[:2]
-    samples[1]["conversations"][0]["value"] = "<image>"
-    data = _write(tmp / "notext.json", samples)
+    samples[1]["conversations"] = samples[1]["conversations"][:2]  # one turn, whose question is
+    samples[1]["conversations"][0]["value"] = "<image>"             # the image alone
+    data = tmp / "notext.json"
     data.write_text(json.dumps(samples))
     _write(tmp / "schedule.yaml", {"schema_version": 1, "stages": [
         {"name": "instruction", "tokens": {"method": "text_guided", "keep_ratio": 0.5}}]})
