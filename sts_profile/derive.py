@@ -24,7 +24,8 @@ Rules per stage of the tables (plain, documented choices):
   start (peak): ``sum_l p_l * max(s_l, 0)`` (skips taken as independent).
 * **Decay** (:func:`fit_decay`): a "need" series (layers: mean ``block_influence`` of the less
   sensitive half; tokens: ``1 - mergeable_frac``, fallback ``1 - neighbor_cosine``) rising by
-  more than 5% first to last means redundancy shrinks: the curve (linear/quadratic/cosine) whose affine
+  more than 5% first to last (tokens: and by more than 0.01, one point of the token
+  fraction) means redundancy shrinks: the curve (linear/quadratic/cosine) whose affine
   fit ``need ~ a + b * (1 - f(x))`` has the least squared residual (ties: linear); else
   ``constant``. One checkpoint: layers ``linear``, tokens ``constant``.
 * **Token curve**: ``keep_ratio_end = min(1, keep_ratio * need_last / need_first)`` along that

@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 
 MAX_SKIP_PROB = 0.9
 TREND_MIN_REL_RISE = 0.05
+# The distinct-token fraction must also grow by one point (6 of 576 tokens): a rise from 1 to
+# 1.3 tokens per image is 30% relative, but noise, not a trend.
+TOKEN_TREND_MIN_ABS_RISE = 0.01
 PROGRESS_POINTS = 200
 _FITTED_CURVES = ("linear", "quadratic", "cosine")
 
@@ -39,7 +42,7 @@ def _per_checkpoint_layer(df: pd.DataFrame, metric: str) -> pd.DataFrame:
     return m.groupby(["step", "layer"])["value"].mean().unstack("layer").sort_index()
 
 
-def fit_decay(progress: list[float], need: list[float]) -> tuple[str, dict]:
+def fit_decay(progress: list[float], need: list[float], *, min_abs_rise: float = 0.0) -> tuple[str, dict]:
     """Pick the decay curve whose shape best fits a rising "need" series.
 
     Rules: the **Decay** item of :mod:`sts_profile.derive`.
@@ -47,6 +50,7 @@ def fit_decay(progress: list[float], need: list[float]) -> tuple[str, dict]:
     Args:
         progress: stage progress in [0, 1] of each checkpoint, increasing.
         need: the measured need per checkpoint (higher = less redundant).
+        min_abs_rise: the rise (last - first) must also exceed this, in the units of ``need``.
 
     Returns:
         ``(curve, info)``; info holds the relative rise and the residual of each curve.
@@ -58,7 +62,7 @@ def fit_decay(progress: list[float], need: list[float]) -> tuple[str, dict]:
         return "constant", {"reason": "fewer than two checkpoints"}
     rise = float((y[-1] - y[0]) / max(abs(y[0]), 1e-12))
     info: dict = {"rel_rise": rise}
-    if rise <= TREND_MIN_REL_RISE:
+    if rise <= TREND_MIN_REL_RISE or y[-1] - y[0] <= min_abs_rise:
         return "constant", info
     residual = {}
     for name in _FITTED_CURVES:
@@ -252,7 +256,8 @@ def _token_trend(df: pd.DataFrame, steps_range: tuple[int, int] | None) -> tuple
     need = 1.0 - df[df["metric"] == metric].groupby("step")["value"].mean().sort_index()
     if metric is None or len(need) < 2:
         return 1.0, "constant", {"metric": metric, "reason": "fewer than two checkpoints; constant"}
-    curve, fit = fit_decay(_progress(list(need.index), steps_range), list(need.values))
+    curve, fit = fit_decay(_progress(list(need.index), steps_range), list(need.values),
+                           min_abs_rise=TOKEN_TREND_MIN_ABS_RISE)
     factor = 1.0 if curve == "constant" else float(need.iloc[-1] / need.iloc[0])
     return factor, curve, {"metric": metric, "need": list(need.values), "curve": curve,
                            "keep_ratio_end_factor": factor, **fit}

@@ -246,6 +246,10 @@ def test_fit_decay_picks_the_shape():
     assert fit_decay(x, [1.0, 1.01, 0.99, 1.02, 1.03])[0] == "constant"     # rise below 5%
     assert fit_decay(x, [1.0, 0.9, 0.8, 0.7, 0.6])[0] == "constant"         # redundancy grows
     assert fit_decay([0.0, 1.0], [1.0, 2.0])[0] == "linear"                 # tie: linear
+    # a 33% rise of a tiny fraction (0.13 -> 0.17 of 576 tokens distinct) is noise with a floor
+    tiny = [0.000217, 0.000289, 0.000289]
+    assert fit_decay([0.0, 0.5, 1.0], tiny)[0] != "constant"
+    assert fit_decay([0.0, 0.5, 1.0], tiny, min_abs_rise=0.01) == ("constant", {"rel_rise": pytest.approx(72 / 217)})
 
 
 def test_without_skip_loss_layers_order_by_block_influence():
