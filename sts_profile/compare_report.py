@@ -78,6 +78,17 @@ def write_comparison(out: Path, result: dict, *, analysis_dir: Path, schedule: P
         f"<td>{_fmt(q[name]['answer_accuracy'], True)}</td><td>{q[name]['answered']}</td></tr>"
         for name in ("dense", "sparse")
     )
+    if "prior" in q:  # the guesser that ignores the image: no losses
+        quality_rows += (f"<tr><td>answer prior (no model)</td><td></td><td></td>"
+                         f"<td>{_fmt(q['prior']['answer_accuracy'], True)}</td><td>{q['prior']['answered']}</td></tr>")
+    runs = [name for name in ("dense", "sparse", "prior") if name in q]
+    kinds = sorted({k for name in runs for k in q[name].get("per_kind", {})})
+    kind_rows = "".join(
+        f"<tr><td>{html.escape(k)}</td>"
+        + "".join(f"<td>{_fmt(q[name]['per_kind'][k], True) if k in q[name].get('per_kind', {}) else ''}</td>"
+                  for name in runs) + "</tr>"
+        for k in kinds
+    )
     phases = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.1f}</td></tr>" for k, v in result["phases_s"].items())
     figures = "".join(
         f'<figure><img src="plots/{html.escape(n)}" width="560"><figcaption>{html.escape(n)}</figcaption></figure>'
@@ -101,6 +112,9 @@ td:first-child{{text-align:left}}figure{{display:inline-block;margin:6px}}pre{{b
 <h2>Quality (held-out, dense evaluation)</h2>
 <table><tr><th>run</th><th>caption loss</th><th>QA loss</th><th>answer accuracy</th><th>answered</th></tr>
 {quality_rows}</table>
+<p>Answer accuracy per question kind (the answer prior answers each kind's most common training answer,
+without the image: a model at that level has not learned to read the image).</p>
+<table><tr><th>kind</th>{"".join(f"<th>{n}</th>" for n in runs)}</tr>{kind_rows}</table>
 <h2>Redundancy measured on the dense run</h2>{figures}
 <h2>Schedule</h2><pre>{html.escape((tmp / 'schedule.yaml').read_text())}</pre>
 <h2>Phases (wall time, s)</h2><table>{phases}</table>

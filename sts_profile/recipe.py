@@ -122,8 +122,18 @@ def evaluate_run(run_dir: Path, data: dict, limit: int | None) -> dict:
             "answered": qa["answered"], "per_kind": qa["per_kind"], "eval_loss_captions": captions["eval_loss"]}
 
 
-def compare(dense: dict, sparse: dict, dense_eval: dict, sparse_eval: dict) -> dict:
-    """Side-by-side numbers of the two runs (wall time per stage, FLOPs, quality)."""
+def prior_baseline(data: dict) -> dict:
+    """Accuracy of answering each question kind's most common training answer (no model)."""
+    from sts_train.data import load_llava_json
+    from sts_train.evaluate import prior_accuracy
+
+    return prior_accuracy(load_llava_json(data["instruction"]), load_llava_json(data["instruction_eval"]))
+
+
+def compare(dense: dict, sparse: dict, dense_eval: dict, sparse_eval: dict, prior: dict | None = None) -> dict:
+    """Side-by-side numbers of the two runs (wall time per stage, FLOPs, quality).
+
+    ``prior`` (:func:`prior_baseline`) is what a guesser that ignores the image scores."""
     rows = {}
     for stage in STAGE_ORDER:
         d, s = dense[stage], sparse[stage]
@@ -143,7 +153,7 @@ def compare(dense: dict, sparse: dict, dense_eval: dict, sparse_eval: dict) -> d
             "flops_saved_frac": 1 - sum(sparse[s]["flops"] for s in STAGE_ORDER)
             / sum(dense[s]["flops"] for s in STAGE_ORDER),
         },
-        "quality": {"dense": dense_eval, "sparse": sparse_eval},
+        "quality": {"dense": dense_eval, "sparse": sparse_eval, **({"prior": prior} if prior else {})},
     }
 
 
@@ -181,7 +191,7 @@ def run_recipe(cfg: RecipeConfig) -> dict:
     sparse = train_two_stages(cfg, data, work / "sparse", phases, "sparse", schedule=schedule)
     dense_eval = phases.run("evaluate dense", evaluate_run, work / "dense", data, cfg.eval_limit)
     sparse_eval = phases.run("evaluate sparse", evaluate_run, work / "sparse", data, cfg.eval_limit)
-    result = compare(dense, sparse, dense_eval, sparse_eval)
+    result = compare(dense, sparse, dense_eval, sparse_eval, prior_baseline(data))
     result["phases_s"] = dict(phases.times)
     result["config"] = {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}
     report = phases.run("report", write_comparison, out, result, analysis_dir=Path(analysis.out_dir),
@@ -189,7 +199,8 @@ def run_recipe(cfg: RecipeConfig) -> dict:
     e2e = result["end_to_end"]
     echo(f"[recipe] end to end: dense {e2e['dense_wall_s']:.0f} s, sparse {e2e['sparse_wall_s']:.0f} s, "
          f"speedup {e2e['speedup']:.2f}x; accuracy dense {dense_eval['answer_accuracy']:.3f} "
-         f"vs sparse {sparse_eval['answer_accuracy']:.3f} -> {report}")
+         f"vs sparse {sparse_eval['answer_accuracy']:.3f} (answer prior "
+         f"{result['quality']['prior']['answer_accuracy']:.3f}) -> {report}")
     return result
 
 
@@ -199,4 +210,4 @@ def test_size(cfg: RecipeConfig) -> RecipeConfig:
                    instruction_steps=8, batch_size=4, checkpoints_per_stage=2, profile_samples=4)
 
 
-__all__ = ["RecipeConfig", "run_recipe", "train_two_stages", "evaluate_run", "compare", "test_size"]
+__all__ = ["RecipeConfig", "run_recipe", "train_two_stages", "evaluate_run", "compare", "prior_baseline", "test_size"]

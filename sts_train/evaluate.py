@@ -81,6 +81,38 @@ def answer_accuracy(model, dataset, *, max_new_tokens: int = 4, limit: int | Non
     }
 
 
+def _scored(samples: list[dict]):
+    """(kind, first question's reference word) of every sample that answer accuracy scores."""
+    for sample in samples:
+        turns = sample["conversations"]
+        if len(turns) >= 2 and turns[1]["from"] == "gpt":
+            yield sample.get("kind", "all"), first_word(turns[1]["value"])
+
+
+def prior_accuracy(train_samples: list[dict], eval_samples: list[dict]) -> dict:
+    """Answer accuracy of a guesser that never looks at the image or the question text.
+
+    For each question kind (``kind`` of a sample, ``all`` without one) it answers the most
+    common first answer of that kind in the training data (ties: alphabetical); a kind the
+    training data lacks is always wrong. A model that scores no better has not learned to use
+    the image. Scored like :func:`answer_accuracy` (first answer, first word).
+
+    Returns:
+        ``{"answer_accuracy": float, "answered": int, "per_kind": {kind: accuracy}}``.
+    """
+    counts: dict[str, dict[str, int]] = {}
+    for kind, word in _scored(train_samples):
+        counts.setdefault(kind, {})[word] = counts.setdefault(kind, {}).get(word, 0) + 1
+    guess = {kind: min(c, key=lambda w: (-c[w], w)) for kind, c in counts.items()}
+    per_kind: dict[str, tuple[int, int]] = {}
+    for kind, word in _scored(eval_samples):
+        hits, n = per_kind.get(kind, (0, 0))
+        per_kind[kind] = (hits + (guess.get(kind) == word), n + 1)
+    hits, n = sum(h for h, _ in per_kind.values()), sum(c for _, c in per_kind.values())
+    return {"answer_accuracy": hits / n if n else float("nan"), "answered": n,
+            "per_kind": {k: h / c for k, (h, c) in sorted(per_kind.items())}}
+
+
 def evaluate_split(model, processor, json_path: str | Path, images: str | Path | None, *,
                    batch_size: int = 8, accuracy: bool = True, limit: int | None = None) -> dict:
     """Evaluate a loaded model on one LLaVA JSON split: loss, and answer accuracy if asked.

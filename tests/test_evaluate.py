@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from sts_train.data import LlavaCollator, LlavaDataset
-from sts_train.evaluate import answer_accuracy, eval_loss, first_word
+from sts_train.evaluate import answer_accuracy, eval_loss, first_word, prior_accuracy
 from sts_train.factory import build_model
 from sts_train.shapes import answer_of
 
@@ -50,3 +50,21 @@ def test_answer_accuracy_with_a_model_that_always_says_one_word(shapes_dir, test
     assert result["answered"] == len(samples)
     assert result["answer_accuracy"] == pytest.approx(expected)
     assert 0 < expected < 1  # the data set has other answers too: the test can fail
+
+
+def _qa(kind, answer, **extra):
+    return {"id": "q", **({"kind": kind} if kind else {}), **extra, "conversations": [
+        {"from": "human", "value": "Which?"}, {"from": "gpt", "value": answer}]}
+
+
+def test_prior_accuracy_answers_each_kinds_most_common_training_answer():
+    train = [_qa("color", "red"), _qa("color", "Red."), _qa("color", "blue"),
+             _qa("size", "small"), _qa("size", "large"),  # tie: alphabetical -> large
+             _qa(None, "yes")]
+    evals = [_qa("color", "red"), _qa("color", "blue"), _qa("size", "large"), _qa("size", "small"),
+             _qa("shape", "circle"),  # a kind training never asked: always wrong
+             _qa(None, "yes"), {"id": "t", "conversations": [{"from": "human", "value": "hi"}]}]
+    got = prior_accuracy(train, evals)
+    assert got["answered"] == 6  # the sample without an answer is not scored
+    assert got["per_kind"] == {"all": 1.0, "color": 0.5, "shape": 0.0, "size": 0.5}
+    assert got["answer_accuracy"] == pytest.approx(3 / 6)

@@ -36,7 +36,14 @@ def test_recipe_end_to_end_test_size(tmp_path):
     for run in ("dense", "sparse"):
         assert q[run]["answered"] == 8 and 0.0 <= q[run]["answer_accuracy"] <= 1.0
         assert q[run]["eval_loss_qa"] > 0 and q[run]["eval_loss_captions"] > 0
+    # the no-model guesser, scored on the same questions from the same data
+    from sts_train.data import load_llava_json
+    from sts_train.evaluate import prior_accuracy
+    prior = prior_accuracy(load_llava_json(work / "data" / "instruction.json"),
+                           load_llava_json(work / "data" / "instruction_eval.json"))
+    assert q["prior"] == prior and q["prior"]["answered"] == 8
     page = (out / "index.html").read_text()
+    assert "answer prior (no model)" in page and f"{100 * prior['answer_accuracy']:.1f}%" in page
     assert "Dense vs stage-aware sparse training" in page and "schema_version: 1" in page
     assert (out / "wall_time.png").stat().st_size > 1000 and list((out / "plots").glob("redundancy_*.png"))
     assert set(summary["phases_s"]) >= {"data", "dense alignment", "analyze", "sparse instruction", "evaluate sparse"}
