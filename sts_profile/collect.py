@@ -64,34 +64,70 @@ def block_metrics(h_in: torch.Tensor, h_out: torch.Tensor, eps: float = 1e-12) -
     return torch.stack([1.0 - cos, torch.arccos(cos) / math.pi, rel], dim=-1)
 
 
-def attention_rows(attn, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   query_pos: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
-    """Softmax attention probabilities of some query rows of one sequence, recomputed.
+_ATTENTION_CHUNK_ELEMENTS = 1 << 26  # probabilities held at once (256 MB of float32)
+
+
+def visual_attention(attn, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     visual: torch.Tensor, text: torch.Tensor, valid: torch.Tensor) -> list[tuple]:
+    """Text -> visual attention of the rows of a batch, recomputed from the layer's q/k.
+
+    The query rows of a sequence are its text tokens after its last visual token; rows are
+    batched (padded to the most queries) in chunks of at most ``_ATTENTION_CHUNK_ELEMENTS``
+    probabilities.
 
     Args:
         attn: the layer's attention module (``q_proj``, ``k_proj``, ``head_dim``, ``scaling``).
-        hidden: ``(S, D)`` the attention module's input (after the input layernorm).
-        cos, sin: ``(S, head_dim)`` rotary embeddings of the sequence.
-        query_pos: ``(T,)`` positions of the query rows.
-        key_valid: ``(S,)`` bool, False at padding.
+        hidden: ``(B, S, D)`` the attention module's input (after the input layernorm).
+        cos, sin: ``(B or 1, S, head_dim)`` rotary embeddings.
+        visual, text, valid: ``(B, S)`` bool masks (valid: not padding).
 
     Returns:
-        ``(heads, T, K)`` float32 probabilities over keys ``0..K-1`` with ``K = max(query_pos)+1``
-        (causal: key ``j`` is seen by query ``t`` when ``j <= t``).
+        Per row with an image and at least one query, in batch order:
+        ``(sum over heads and queries of the attention on visual keys, heads * queries,
+        (N_visual,) mean attention of each visual key over heads and queries)``.
     """
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    d = attn.head_dim
-    keys = int(query_pos.max()) + 1
-    q = attn.q_proj(hidden[query_pos]).view(len(query_pos), -1, d).transpose(0, 1)
-    k = attn.k_proj(hidden[:keys]).view(keys, -1, d).transpose(0, 1)
-    q, _ = apply_rotary_pos_emb(q, q, cos[query_pos], sin[query_pos], unsqueeze_dim=0)
-    k, _ = apply_rotary_pos_emb(k, k, cos[:keys], sin[:keys], unsqueeze_dim=0)
-    k = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0)  # grouped-query heads, as repeat_kv
-    scores = (q.float() @ k.float().transpose(-1, -2)) * attn.scaling
-    allowed = torch.arange(keys, device=hidden.device)[None, :] <= query_pos[:, None]
-    allowed = allowed & key_valid[:keys][None, :]
-    return scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+    batch, seq = visual.shape
+    pos = torch.arange(seq, device=hidden.device)
+    last_visual = torch.where(visual, pos, -1).max(1).values
+    queries = text & valid & (pos[None, :] > last_visual[:, None]) & (last_visual >= 0)[:, None]
+    rows = queries.any(1).nonzero().flatten()
+    if rows.numel() == 0:
+        return []
+    d, heads = attn.head_dim, attn.q_proj.out_features // attn.head_dim
+    t_max = int(queries.sum(1).max())
+    keys = int(torch.where(queries, pos, -1).max()) + 1
+    per_row = max(1, _ATTENTION_CHUNK_ELEMENTS // (heads * t_max * keys))
+    out = []
+    for chunk in rows.split(per_row):
+        q_mask = queries[chunk]
+        n_q = q_mask.sum(1)
+        # query positions first (in order), padding after; padded entries point at position 0
+        order = torch.where(q_mask, pos, seq + pos).sort(1).values[:, :t_max]
+        q_valid = order < seq
+        q_pos = torch.where(q_valid, order, 0)
+        h = hidden[chunk]
+        rc, rs = (cos[chunk], sin[chunk]) if cos.shape[0] > 1 else (cos.expand(len(chunk), -1, -1),
+                                                                      sin.expand(len(chunk), -1, -1))
+        gather = lambda x: torch.gather(x, 1, q_pos[..., None].expand(-1, -1, x.shape[-1]))  # noqa: E731
+        q = attn.q_proj(gather(h)).view(len(chunk), t_max, -1, d).transpose(1, 2)
+        k = attn.k_proj(h[:, :keys]).view(len(chunk), keys, -1, d).transpose(1, 2)
+        q, _ = apply_rotary_pos_emb(q, q, gather(rc), gather(rs))
+        k, _ = apply_rotary_pos_emb(k, k, rc[:, :keys], rs[:, :keys])
+        k = k.repeat_interleave(heads // k.shape[1], dim=1)  # grouped-query heads, as repeat_kv
+        scores = (q.float() * attn.scaling) @ k.float().transpose(-1, -2)  # (R, H, T, K)
+        hidden_keys = (pos[None, None, :keys] > q_pos[..., None]) | ~valid[chunk][:, None, :keys]
+        hidden_keys &= q_valid[..., None]  # padded queries see every key: finite, weighted 0 below
+        probs = scores.masked_fill_(hidden_keys[:, None], float("-inf")).softmax(-1)
+        # (R, K): summed over heads, then over the real queries
+        per_key = (q_valid[:, None, :].to(probs.dtype) @ probs.sum(1)).squeeze(1)
+        vis = visual[chunk, :keys]
+        on_visual = (per_key * vis).sum(1)
+        for r in range(len(chunk)):
+            pairs = heads * int(n_q[r])
+            out.append((float(on_visual[r]), pairs, per_key[r][vis[r]] / pairs))
+    return out
 
 
 def mass_coverage(mass: torch.Tensor, levels: Iterable[float] = MASS_LEVELS) -> list[float]:
@@ -190,20 +226,10 @@ class PassiveCollector:
             visual, text, valid = self._masks
             stats = self._attn[index]
             with torch.no_grad():
-                for b in range(hidden.shape[0]):
-                    vis_pos = visual[b].nonzero().flatten()
-                    if vis_pos.numel() == 0:
-                        continue
-                    query_pos = text[b].nonzero().flatten()
-                    query_pos = query_pos[query_pos > vis_pos.max()]
-                    if query_pos.numel() == 0:
-                        continue
-                    rb = b if cos.shape[0] > 1 else 0
-                    probs = attention_rows(module, hidden[b], cos[rb], sin[rb], query_pos, valid[b])
-                    on_visual = probs[..., vis_pos]  # (heads, T, N_visual)
-                    stats["t2v"] += float(on_visual.sum(-1).sum())
-                    stats["queries"] += on_visual.shape[0] * on_visual.shape[1]
-                    coverage = mass_coverage(on_visual.mean(dim=(0, 1)))
+                for t2v, pairs, mass in visual_attention(module, hidden, cos, sin, visual, text, valid):
+                    stats["t2v"] += t2v
+                    stats["queries"] += pairs
+                    coverage = mass_coverage(mass)
                     stats["mass"] = [a + c for a, c in zip(stats["mass"], coverage)]
                     stats["rows"] += 1
         return hook
