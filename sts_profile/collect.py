@@ -110,7 +110,9 @@ def visual_attention(attn, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.T
         h = hidden[chunk]
         rc, rs = (cos[chunk], sin[chunk]) if cos.shape[0] > 1 else (cos.expand(len(chunk), -1, -1),
                                                                       sin.expand(len(chunk), -1, -1))
-        gather = lambda x: torch.gather(x, 1, q_pos[..., None].expand(-1, -1, x.shape[-1]))  # noqa: E731
+        def gather(x: torch.Tensor) -> torch.Tensor:  # (R, S, F) -> (R, T, F) at the query positions
+            return torch.gather(x, 1, q_pos[..., None].expand(-1, -1, x.shape[-1]))
+
         q = attn.q_proj(gather(h)).view(len(chunk), t_max, -1, d).transpose(1, 2)
         k = attn.k_proj(h[:, :keys]).view(len(chunk), keys, -1, d).transpose(1, 2)
         q, _ = apply_rotary_pos_emb(q, q, gather(rc), gather(rs))
