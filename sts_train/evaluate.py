@@ -15,6 +15,8 @@ Metrics:
 from __future__ import annotations
 
 import re
+from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -43,6 +45,25 @@ def eval_loss(model, dataset, collator, batch_size: int = 8) -> float:
     return total / max(count, 1)
 
 
+def _reference(sample: dict) -> tuple[str, str] | None:
+    """(kind, reference word) of the first answer accuracy scores; None: the sample has none."""
+    turns = sample["conversations"]
+    if len(turns) < 2 or turns[1]["from"] != "gpt":
+        return None
+    return sample.get("kind", "all"), first_word(turns[1]["value"])
+
+
+def _accuracy(outcomes: Iterable[tuple[str, bool]]) -> dict:
+    """``{"answer_accuracy", "answered", "per_kind"}`` of (kind, correct) outcomes."""
+    per_kind: dict[str, tuple[int, int]] = {}
+    for kind, ok in outcomes:
+        hits, n = per_kind.get(kind, (0, 0))
+        per_kind[kind] = (hits + ok, n + 1)
+    hits, n = sum(h for h, _ in per_kind.values()), sum(c for _, c in per_kind.values())
+    return {"answer_accuracy": hits / n if n else float("nan"), "answered": n,
+            "per_kind": {k: h / c for k, (h, c) in sorted(per_kind.items())}}
+
+
 @torch.no_grad()
 def answer_accuracy(model, dataset, *, max_new_tokens: int = 4, limit: int | None = None) -> dict:
     """Greedy-generate the first answer of each sample and compare with the reference word.
@@ -54,39 +75,25 @@ def answer_accuracy(model, dataset, *, max_new_tokens: int = 4, limit: int | Non
 
     model.eval()
     tok = dataset.tokenizer
-    hits, n, per_kind = 0, 0, {}
     samples = dataset.samples[:limit] if limit else dataset.samples
-    for index, sample in enumerate(samples):
-        turns = sample["conversations"]
-        if len(turns) < 2 or turns[1]["from"] != "gpt":
-            continue
-        enc = encode_conversation(turns[:1], tok, num_image_tokens=dataset.num_image_tokens,
-                                  image_token_id=dataset.image_token_id)
-        input_ids = torch.tensor([enc["input_ids"]])
-        inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
-        if sample.get("image"):
-            inputs["pixel_values"] = dataset[index]["pixel_values"].unsqueeze(0)
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        reply = tok.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True)
-        ok = first_word(reply) == first_word(turns[1]["value"])
-        hits, n = hits + ok, n + 1
-        kind = sample.get("kind", "all")
-        k_hits, k_n = per_kind.get(kind, (0, 0))
-        per_kind[kind] = (k_hits + ok, k_n + 1)
-    return {
-        "answer_accuracy": hits / n if n else float("nan"),
-        "answered": n,
-        "per_kind": {k: h / c for k, (h, c) in sorted(per_kind.items())},
-    }
 
+    def outcomes():
+        for index, sample in enumerate(samples):
+            ref = _reference(sample)
+            if ref is None:
+                continue
+            enc = encode_conversation(sample["conversations"][:1], tok, num_image_tokens=dataset.num_image_tokens,
+                                      image_token_id=dataset.image_token_id)
+            input_ids = torch.tensor([enc["input_ids"]])
+            inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+            if sample.get("image"):
+                inputs["pixel_values"] = dataset[index]["pixel_values"].unsqueeze(0)
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            reply = tok.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True)
+            yield ref[0], first_word(reply) == ref[1]
 
-def _scored(samples: list[dict]):
-    """(kind, first question's reference word) of every sample that answer accuracy scores."""
-    for sample in samples:
-        turns = sample["conversations"]
-        if len(turns) >= 2 and turns[1]["from"] == "gpt":
-            yield sample.get("kind", "all"), first_word(turns[1]["value"])
+    return _accuracy(outcomes())
 
 
 def prior_accuracy(train_samples: list[dict], eval_samples: list[dict]) -> dict:
@@ -100,17 +107,11 @@ def prior_accuracy(train_samples: list[dict], eval_samples: list[dict]) -> dict:
     Returns:
         ``{"answer_accuracy": float, "answered": int, "per_kind": {kind: accuracy}}``.
     """
-    counts: dict[str, dict[str, int]] = {}
-    for kind, word in _scored(train_samples):
-        counts.setdefault(kind, {})[word] = counts.setdefault(kind, {}).get(word, 0) + 1
+    counts: dict[str, Counter] = {}
+    for kind, word in filter(None, map(_reference, train_samples)):
+        counts.setdefault(kind, Counter())[word] += 1
     guess = {kind: min(c, key=lambda w: (-c[w], w)) for kind, c in counts.items()}
-    per_kind: dict[str, tuple[int, int]] = {}
-    for kind, word in _scored(eval_samples):
-        hits, n = per_kind.get(kind, (0, 0))
-        per_kind[kind] = (hits + (guess.get(kind) == word), n + 1)
-    hits, n = sum(h for h, _ in per_kind.values()), sum(c for _, c in per_kind.values())
-    return {"answer_accuracy": hits / n if n else float("nan"), "answered": n,
-            "per_kind": {k: h / c for k, (h, c) in sorted(per_kind.items())}}
+    return _accuracy((kind, guess.get(kind) == word) for kind, word in filter(None, map(_reference, eval_samples)))
 
 
 def evaluate_split(model, processor, json_path: str | Path, images: str | Path | None, *,
