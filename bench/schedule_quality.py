@@ -155,6 +155,7 @@ def run_seed(args, seed: int, work: Path) -> dict:
     from sts_profile.analysis import AnalyzeConfig, run_analysis
     from sts_profile.recipe import Phases, RecipeConfig, evaluate_run, test_size, train_two_stages
     from sts_train.factory import get_size
+    from sts_train.evaluate import paired_difference
     from sts_train.flops import LayerDims
     from sts_train.schedule import dump_schedule, load_schedule
     from sts_train.shapes import generate_shapes
@@ -187,9 +188,11 @@ def run_seed(args, seed: int, work: Path) -> dict:
     dense_flops = sum(summaries["dense"][s]["flops"] for s in STAGES)
     dense_wall = sum(summaries["dense"][s]["wall_time_s"] for s in STAGES)
     robust = {arm: sum(median_step_time_s(home / arm / t) for t in STAGES) for arm in ARMS}
-    out = {}
-    for arm in ARMS:
+    out, outcomes = {}, {}
+    for arm in ARMS:  # dense first: the others are paired with it
         quality = phases.run(f"evaluate {arm}", evaluate_run, home / arm, data, cfg.eval_limit)
+        outcomes[arm] = quality["outcomes"]
+        vs_dense = paired_difference(outcomes["dense"], outcomes[arm])
         s = summaries[arm]
         info = {k: v for k, v in arms[arm].items() if k != "schedule"}
         out[arm] = {
@@ -200,6 +203,7 @@ def run_seed(args, seed: int, work: Path) -> dict:
             "wall_time_s": {t: s[t]["wall_time_s"] for t in STAGES}, "flops": {t: s[t]["flops"] for t in STAGES},
             "loadavg_1m_at_start": load[arm], "answered": quality["answered"],
             **{k: quality[k] for k in ("eval_loss_qa", "answer_accuracy", "eval_loss_captions")},
+            "accuracy_vs_dense": vs_dense["difference"], "accuracy_vs_dense_stderr": vs_dense["stderr"],
             **info,
             "schedule": arms[arm]["schedule"].to_dict()["stages"] if arm != "dense" else None,
         }

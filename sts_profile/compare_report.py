@@ -81,6 +81,11 @@ def write_comparison(out: Path, result: dict, *, analysis_dir: Path, schedule: P
     if "prior" in q:  # the guesser that ignores the image: no losses
         quality_rows += (f"<tr><td>answer prior (no model)</td><td></td><td></td>"
                          f"<td>{_fmt(q['prior']['answer_accuracy'], True)}</td><td>{q['prior']['answered']}</td></tr>")
+    diff = q.get("accuracy_difference")
+    diff_line = "" if not diff or not diff["paired"] else (
+        f"<p>Sparse minus dense, paired by answer: <b>{100 * diff['difference']:+.1f} points</b> "
+        f"(standard error {100 * diff['stderr']:.1f} points over {diff['paired']} answers; the answers about one "
+        f"image are correlated, so the true uncertainty is larger).</p>")
     runs = [name for name in ("dense", "sparse", "prior") if name in q]
     kinds = sorted({k for name in runs for k in q[name].get("per_kind", {})})
     kind_rows = "".join(
@@ -112,6 +117,9 @@ td:first-child{{text-align:left}}figure{{display:inline-block;margin:6px}}pre{{b
 <h2>Quality (held-out, dense evaluation)</h2>
 <table><tr><th>run</th><th>caption loss</th><th>QA loss</th><th>answer accuracy</th><th>answered</th></tr>
 {quality_rows}</table>
+{diff_line}
+<p>Every assistant turn is scored: given the conversation before it, does greedy decoding reproduce the answer
+exactly?</p>
 <p>Answer accuracy per question kind (the answer prior answers each kind's most common training answer,
 without the image: a model at that level has not learned to read the image).</p>
 <table><tr><th>kind</th>{"".join(f"<th>{n}</th>" for n in runs)}</tr>{kind_rows}</table>

@@ -38,7 +38,7 @@ class RecipeConfig:
     seed: int = 0
     n_alignment: int = 400
     n_instruction: int = 1200
-    n_eval: int = 200
+    n_eval: int = 300
     alignment_steps: int = 60
     instruction_steps: int = 300
     batch_size: int = 4
@@ -119,7 +119,8 @@ def evaluate_run(run_dir: Path, data: dict, limit: int | None) -> dict:
     qa = evaluate_split(model, processor, data["instruction_eval"], data["images"].parent, limit=limit)
     captions = evaluate_split(model, processor, data["alignment_eval"], data["images"].parent, accuracy=False)
     return {"checkpoint": str(final), "eval_loss_qa": qa["eval_loss"], "answer_accuracy": qa["answer_accuracy"],
-            "answered": qa["answered"], "per_kind": qa["per_kind"], "eval_loss_captions": captions["eval_loss"]}
+            "answered": qa["answered"], "per_kind": qa["per_kind"], "eval_loss_captions": captions["eval_loss"],
+            "outcomes": qa["outcomes"]}
 
 
 def prior_baseline(data: dict) -> dict:
@@ -133,7 +134,13 @@ def prior_baseline(data: dict) -> dict:
 def compare(dense: dict, sparse: dict, dense_eval: dict, sparse_eval: dict, prior: dict | None = None) -> dict:
     """Side-by-side numbers of the two runs (wall time per stage, FLOPs, quality).
 
-    ``prior`` (:func:`prior_baseline`) is what a guesser that ignores the image scores."""
+    ``prior`` (:func:`prior_baseline`) is what a guesser that ignores the image scores. The
+    evaluations' per-answer ``outcomes`` (:func:`evaluate_run`) become ``accuracy_difference``,
+    sparse minus dense paired by answer, and are not kept."""
+    from sts_train.evaluate import paired_difference
+
+    dense_eval, sparse_eval = dict(dense_eval), dict(sparse_eval)
+    difference = paired_difference(dense_eval.pop("outcomes", []), sparse_eval.pop("outcomes", []))
     rows = {}
     for stage in STAGE_ORDER:
         d, s = dense[stage], sparse[stage]
@@ -153,7 +160,8 @@ def compare(dense: dict, sparse: dict, dense_eval: dict, sparse_eval: dict, prio
             "flops_saved_frac": 1 - sum(sparse[s]["flops"] for s in STAGE_ORDER)
             / sum(dense[s]["flops"] for s in STAGE_ORDER),
         },
-        "quality": {"dense": dense_eval, "sparse": sparse_eval, **({"prior": prior} if prior else {})},
+        "quality": {"dense": dense_eval, "sparse": sparse_eval, **({"prior": prior} if prior else {}),
+                    "accuracy_difference": difference},
     }
 
 

@@ -104,11 +104,12 @@ def evaluate(
     model_dir: Path = typer.Argument(..., help="A model folder or checkpoint-N (loaded with plain transformers)."),
     data: Path = typer.Option(..., "--data", help="LLaVA JSON of the held-out split."),
     images: Optional[Path] = typer.Option(None, "--images", help="Image folder (default: the JSON's folder)."),
-    no_accuracy: bool = typer.Option(False, "--no-accuracy", help="Only the loss (no generation)."),
-    limit: Optional[int] = typer.Option(None, help="Answer at most this many samples."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the result to this JSON file."),
+    no_accuracy: bool = typer.Option(False, "--no-accuracy", help="Only the loss."),
+    limit: Optional[int] = typer.Option(None, help="Evaluate only the first N samples."),
+    json_out: Optional[Path] = typer.Option(
+        None, "--json", help="Also write the result to this JSON file, with every answer's outcome."),
 ) -> None:
-    """Dense evaluation: held-out loss and exact-match answer accuracy (greedy generation)."""
+    """Dense evaluation: held-out loss and exact-match answer accuracy (greedy, every turn)."""
     with user_errors():
         import json
 
@@ -116,10 +117,9 @@ def evaluate(
         from sts_train.evaluate import evaluate_folder
 
         result = evaluate_folder(model_dir, data, images, accuracy=not no_accuracy, limit=limit)
-        text = json.dumps(result, indent=2)
         if json_out is not None:
-            atomic_write_text(json_out, text + "\n")
-        typer.echo(text)
+            atomic_write_text(json_out, json.dumps(result, indent=2) + "\n")
+        typer.echo(json.dumps({k: v for k, v in result.items() if k != "outcomes"}, indent=2))
 
 
 @app.command()

@@ -157,8 +157,9 @@ def _qa_sample(rng: random.Random, sample_id: str, image: str, params: dict) -> 
     """An instruction sample: every question kind about the image, one turn each, in random order.
 
     Like LLaVA-Instruct's multi-turn conversations, one image carries several supervised answers,
-    so a step over its (long) visual token sequence teaches five answers instead of one. The
-    sample's ``kind`` is its first question, which answer accuracy scores.
+    so a step over its (long) visual token sequence teaches five answers instead of one.
+    ``kinds`` names the question kind of each turn (answer accuracy scores every turn per kind);
+    ``kind`` is the first one.
     """
     kinds = rng.sample(QUESTION_KINDS, len(QUESTION_KINDS))
     conversations = []
@@ -166,7 +167,7 @@ def _qa_sample(rng: random.Random, sample_id: str, image: str, params: dict) -> 
         prefix = "<image>\n" if t == 0 else ""
         conversations += [{"from": "human", "value": prefix + QUESTIONS[kind]},
                           {"from": "gpt", "value": params[kind]}]
-    return {"id": sample_id, "image": image, "kind": kinds[0], "conversations": conversations}
+    return {"id": sample_id, "image": image, "kind": kinds[0], "kinds": kinds, "conversations": conversations}
 
 
 def _text_only_sample(rng: random.Random, sample_id: str) -> dict:

@@ -56,6 +56,7 @@ def test_evaluate_command_writes_json(tmp_path, shapes_dir):
                               "--images", str(shapes_dir["images"].parent), "--json", str(out)])
     assert res.exit_code == 0, res.output
     result = json.loads(out.read_text())
-    assert result["samples"] == 4 and result["answered"] == 4 and result["eval_loss"] > 0
+    assert result["samples"] == 4 and result["answered"] == 4 * 5 and result["eval_loss"] > 0
+    assert len(result["outcomes"]) == 20 and "outcomes" not in res.output
     res = runner.invoke(app, ["evaluate", str(tmp_path / "nothing"), "--data", str(shapes_dir["instruction_eval"])])
     assert res.exit_code == 2 and "not a model folder" in res.output

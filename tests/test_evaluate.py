@@ -1,15 +1,16 @@
-"""Dense evaluation: loss against a direct computation, accuracy against a rigged answer."""
+"""Dense evaluation: loss against a direct computation, accuracy against a rigged model and
+against ``model.generate`` (the definition the one-pass scorer must reproduce)."""
 
 import json
 
 import pytest
 import torch
-import torch.nn as nn
+import torch.nn.functional as F
 
-from sts_train.data import LlavaCollator, LlavaDataset
-from sts_train.evaluate import answer_accuracy, eval_loss, first_word, prior_accuracy
+from sts_train.data import LlavaCollator, LlavaDataset, encode_conversation
+from sts_train.evaluate import (eval_loss, first_word, paired_difference, prior_accuracy, score, turn_hits,
+                                turn_kinds)
 from sts_train.factory import build_model
-from sts_train.shapes import answer_of
 
 
 def test_first_word():
@@ -31,40 +32,100 @@ def test_eval_loss_is_token_weighted_mean(shapes_dir, test_processor):
     assert got == pytest.approx(sum(a for a, _ in parts) / sum(n for _, n in parts), rel=1e-5)
 
 
-def test_answer_accuracy_with_a_model_that_always_says_one_word(shapes_dir, test_processor):
+def test_turn_hits_scores_each_answer_run_whole():
+    eos, x = 2, -100
+    target = torch.tensor([x, 7, 8, eos, x, x, 9, eos, x, 5, 6])  # the last run was cut: no eos
+    hit = torch.tensor([0, 1, 1, 1, 0, 0, 1, 0, 0, 1, 1], dtype=torch.bool)
+    assert turn_hits(target, hit, eos) == [True, False]
+    assert turn_hits(torch.tensor([x, x]), torch.tensor([False, False]), eos) == []
+
+
+def test_turn_kinds():
+    conv = [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}] * 2
+    assert turn_kinds({"kinds": ["color", "size"], "kind": "color", "conversations": conv}) == ["color", "size"]
+    assert turn_kinds({"kind": "detail", "conversations": conv}) == ["detail", "detail"]
+    assert turn_kinds({"conversations": conv}) == ["all", "all"]
+
+
+def _parrot(tokenizer, word: str):
+    """A test model whose greedy reply to every question is ``word`` then end of turn.
+
+    Its decoder layers add nothing (o_proj and down_proj zeroed), so the logits at a position
+    depend only on that position's input token; the head maps the prompt's last token to
+    ``word`` and ``word`` to EOS."""
     model = build_model("test", seed=1).eval()
+    lm = model.model.language_model
+    for layer in lm.layers:
+        torch.nn.init.zeros_(layer.self_attn.o_proj.weight)
+        torch.nn.init.zeros_(layer.mlp.down_proj.weight)
+    prompt_end = encode_conversation([{"from": "human", "value": "?"}], tokenizer, num_image_tokens=0,
+                                     image_token_id=0)["input_ids"][-1]
+    (word_id,) = tokenizer.encode(" " + word, add_special_tokens=False)
+    with torch.no_grad():
+        embed = model.get_input_embeddings().weight
+        head = model.lm_head.weight
+        head.zero_()
+        for src, dst in ((prompt_end, word_id), (word_id, tokenizer.eos_token_id)):
+            head[dst] = 50 * F.normalize(lm.norm(embed[src]), dim=-1)
+    return model
+
+
+def test_one_pass_accuracy_equals_greedy_generation_on_every_turn(shapes_dir, test_processor):
     tok = test_processor.tokenizer
     samples = json.loads(shapes_dir["instruction"].read_text())
-    word = answer_of(samples[0])  # a word the data set does answer
-    word_id = tok.encode(" " + word, add_special_tokens=False)
-    assert len(word_id) == 1
-    head = nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=True)
-    nn.init.zeros_(head.weight)
-    with torch.no_grad():
-        head.bias.zero_()
-        head.bias[word_id[0]] = 10.0
-    model.lm_head = head
+    word = samples[0]["conversations"][1]["value"]  # a colour the data set does answer
+    model = _parrot(tok, word)
     ds = LlavaDataset(shapes_dir["instruction"], shapes_dir["images"].parent, test_processor, num_image_tokens=16)
-    result = answer_accuracy(model, ds)
-    expected = sum(answer_of(s) == word for s in samples) / len(samples)
-    assert result["answered"] == len(samples)
-    assert result["answer_accuracy"] == pytest.approx(expected)
-    assert 0 < expected < 1  # the data set has other answers too: the test can fail
+    got = score(model, ds, LlavaCollator(tok.pad_token_id), batch_size=3)
+    # the parrot is right exactly on the turns whose answer is its word
+    answers = [(k, t["value"]) for s in samples
+               for k, t in zip(turn_kinds(s), [t for t in s["conversations"] if t["from"] == "gpt"])]
+    assert got["answered"] == len(answers) == 19 * 5 + 1  # 19 five-turn image samples, 1 text-only
+    assert got["answer_accuracy"] == pytest.approx(sum(a == word for _, a in answers) / len(answers))
+    assert 0 < got["answer_accuracy"] < 1
+    color = [a for k, a in answers if k == "color"]
+    assert got["per_kind"]["color"] == pytest.approx(sum(a == word for a in color) / len(color))
+    # independent: greedy generation after each question, with the reference answers before it
+    for index in range(4):
+        sample, pixels = samples[index], ds[index]["pixel_values"]
+        conv = sample["conversations"]
+        for turn in range(len(conv) // 2):
+            enc = encode_conversation(conv[: 2 * turn + 1], tok, num_image_tokens=16,
+                                      image_token_id=model.config.image_token_index)
+            ids = torch.tensor([enc["input_ids"]])
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels[None],
+                                 max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id,
+                                 eos_token_id=tok.eos_token_id)
+            reference = tok.encode(" " + conv[2 * turn + 1]["value"], add_special_tokens=False) + [tok.eos_token_id]
+            generated = out[0, ids.shape[1]:].tolist()[: len(reference)]
+            outcome = next(o for o in got["outcomes"] if o[0] == sample["id"] and o[1] == turn)
+            assert outcome[3] == (generated == reference), (sample["id"], turn, generated, reference)
 
 
-def _qa(kind, answer, **extra):
-    return {"id": "q", **({"kind": kind} if kind else {}), **extra, "conversations": [
-        {"from": "human", "value": "Which?"}, {"from": "gpt", "value": answer}]}
+def _qa(kind, *answers, **extra):
+    turns = [t for a in answers for t in ({"from": "human", "value": "Which?"}, {"from": "gpt", "value": a})]
+    return {"id": "q", **({"kind": kind} if kind else {}), **extra, "conversations": turns}
 
 
 def test_prior_accuracy_answers_each_kinds_most_common_training_answer():
     train = [_qa("color", "red"), _qa("color", "Red."), _qa("color", "blue"),
-             _qa("size", "small"), _qa("size", "large"),  # tie: alphabetical -> large
-             _qa(None, "yes")]
+             _qa("size", "small"), _qa("size", "large"), _qa("size", "large"),
+             _qa(None, "yes"),
+             _qa("color", "green", "small", kinds=["shape", "size"])]  # per-turn kinds win; size ties
+    # size: small 2, large 2 -> the alphabetically first, large
     evals = [_qa("color", "red"), _qa("color", "blue"), _qa("size", "large"), _qa("size", "small"),
-             _qa("shape", "circle"),  # a kind training never asked: always wrong
-             _qa(None, "yes"), {"id": "t", "conversations": [{"from": "human", "value": "hi"}]}]
+             _qa("shape", "circle"),  # the training's only shape answer is green: wrong
+             _qa(None, "yes"), {"id": "t", "conversations": [{"from": "human", "value": "hi"}]},
+             _qa("texture", "soft")]  # a kind training never asked: always wrong
     got = prior_accuracy(train, evals)
-    assert got["answered"] == 6  # the sample without an answer is not scored
-    assert got["per_kind"] == {"all": 1.0, "color": 0.5, "shape": 0.0, "size": 0.5}
-    assert got["answer_accuracy"] == pytest.approx(3 / 6)
+    assert got["answered"] == 7  # the sample without an answer is not scored
+    assert got["per_kind"] == {"all": 1.0, "color": 0.5, "shape": 0.0, "size": 0.5, "texture": 0.0}
+    assert got["answer_accuracy"] == pytest.approx(3 / 7)
+
+
+def test_paired_difference():
+    a = [["s1", 0, "k", True], ["s1", 1, "k", False], ["s2", 0, "k", False], ["s3", 0, "k", True]]
+    b = [["s1", 0, "k", True], ["s1", 1, "k", True], ["s2", 0, "k", True], ["s9", 0, "k", True]]
+    got = paired_difference(a, b)  # diffs 0, 1, 1 on the three shared answers
+    assert got["paired"] == 3 and got["difference"] == pytest.approx(2 / 3)
+    assert got["stderr"] == pytest.approx((((0 - 2 / 3) ** 2 + 2 * (1 / 3) ** 2) / 2 / 3) ** 0.5)

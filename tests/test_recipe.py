@@ -34,14 +34,18 @@ def test_recipe_end_to_end_test_size(tmp_path):
     assert summary["stages"]["instruction"]["flops_saved_frac"] == pytest.approx(flops_saved)
     q = summary["quality"]
     for run in ("dense", "sparse"):
-        assert q[run]["answered"] == 8 and 0.0 <= q[run]["answer_accuracy"] <= 1.0
+        assert q[run]["answered"] == 8 * 5 and 0.0 <= q[run]["answer_accuracy"] <= 1.0
         assert q[run]["eval_loss_qa"] > 0 and q[run]["eval_loss_captions"] > 0
     # the no-model guesser, scored on the same questions from the same data
     from sts_train.data import load_llava_json
     from sts_train.evaluate import prior_accuracy
     prior = prior_accuracy(load_llava_json(work / "data" / "instruction.json"),
                            load_llava_json(work / "data" / "instruction_eval.json"))
-    assert q["prior"] == prior and q["prior"]["answered"] == 8
+    assert q["prior"] == prior and q["prior"]["answered"] == 8 * 5
+    diff = q["accuracy_difference"]  # paired by answer: the plain difference of the accuracies
+    assert diff["paired"] == 40
+    assert diff["difference"] == pytest.approx(q["sparse"]["answer_accuracy"] - q["dense"]["answer_accuracy"])
+    assert "outcomes" not in q["dense"]
     page = (out / "index.html").read_text()
     assert "answer prior (no model)" in page and f"{100 * prior['answer_accuracy']:.1f}%" in page
     assert "Dense vs stage-aware sparse training" in page and "schema_version: 1" in page
