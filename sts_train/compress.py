@@ -3,12 +3,17 @@
 Each method is a plain function registered in :data:`COMPRESSORS`::
 
     method(features (N, D), keep_ratio, *, grid=(rows, cols), text=(T, D) | None,
-           generator=torch.Generator | None) -> (M, D)
+           generator=torch.Generator | None) -> (features (M, D), index (M,))
 
-applied per image to the projector's output. :func:`compress_inputs` then removes the
-placeholder positions that no longer have a feature from ``input_ids``, ``labels`` and
-``attention_mask``, so the LLM really runs a shorter sequence (transformers 5.x requires the
-number of ``<image>`` tokens to equal the number of feature vectors).
+applied per image to the projector's output. ``index`` is, per output token, the position in
+the image's token sequence it stands for (the kept token; for a pooled cell the token at its
+centre; for a merged group its surviving token), increasing. :func:`drop_placeholders` then
+removes the placeholder positions that no longer have a feature from ``input_ids``,
+``labels`` and ``attention_mask``, so the LLM really runs a shorter sequence (transformers 5.x
+requires the number of ``<image>`` tokens to equal the number of feature vectors), and gives
+every kept token the position id it has in the dense sequence: the rotary position of each
+text token, and its distance to each visual token, are those of dense evaluation, which the
+deployed model runs.
 
 Methods:
     uniform: 2-D average pooling over the patch grid to ``round(rows*sqrt(r)) x
@@ -34,7 +39,7 @@ import torch.nn.functional as F
 
 from sts_train.errors import ScheduleError
 
-Compressor = Callable[..., torch.Tensor]
+Compressor = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 def kept_count(num_tokens: int, keep_ratio: float) -> int:
@@ -48,21 +53,29 @@ def pooled_grid(grid: tuple[int, int], keep_ratio: float) -> tuple[int, int]:
     return max(1, round(grid[0] * scale)), max(1, round(grid[1] * scale))
 
 
-def uniform(features: torch.Tensor, keep_ratio: float, *, grid: tuple[int, int], **_) -> torch.Tensor:
+def _cell_centres(size: int, cells: int) -> torch.Tensor:
+    """Index (0..size-1) of the centre of each of ``cells`` adaptive-pooling cells over ``size``."""
+    starts = torch.arange(cells) * size // cells
+    ends = -(-(torch.arange(cells) + 1) * size // cells)  # ceil, as adaptive pooling
+    return (starts + ends - 1) // 2
+
+
+def uniform(features: torch.Tensor, keep_ratio: float, *, grid: tuple[int, int], **_):
     rows, cols = grid
     out_rows, out_cols = pooled_grid(grid, keep_ratio)
     image = features.T.reshape(1, features.shape[1], rows, cols)
     pooled = F.adaptive_avg_pool2d(image, (out_rows, out_cols))
-    return pooled.reshape(features.shape[1], out_rows * out_cols).T
+    index = (_cell_centres(rows, out_rows)[:, None] * cols + _cell_centres(cols, out_cols)[None, :]).flatten()
+    return pooled.reshape(features.shape[1], out_rows * out_cols).T, index
 
 
-def random(features: torch.Tensor, keep_ratio: float, *, generator=None, **_) -> torch.Tensor:
+def random(features: torch.Tensor, keep_ratio: float, *, generator=None, **_):
     n = features.shape[0]
-    keep = torch.randperm(n, generator=generator)[: kept_count(n, keep_ratio)]
-    return features[keep.sort().values.to(features.device)]
+    keep = torch.randperm(n, generator=generator)[: kept_count(n, keep_ratio)].sort().values
+    return features[keep.to(features.device)], keep
 
 
-def text_guided(features: torch.Tensor, keep_ratio: float, *, text=None, **_) -> torch.Tensor:
+def text_guided(features: torch.Tensor, keep_ratio: float, *, text=None, **_):
     if text is None or text.shape[0] == 0:
         raise ScheduleError(
             "text_guided compression needs instruction text, but a sample has none; "
@@ -71,17 +84,21 @@ def text_guided(features: torch.Tensor, keep_ratio: float, *, text=None, **_) ->
     query = text.float().mean(0, keepdim=True)
     score = F.cosine_similarity(features.float(), query, dim=-1)
     keep = score.topk(kept_count(features.shape[0], keep_ratio)).indices.sort().values
-    return features[keep]
+    return features[keep], keep.cpu()
 
 
-def merge(features: torch.Tensor, keep_ratio: float, **_) -> torch.Tensor:
-    return merge_batch(features.unsqueeze(0), keep_ratio)[0]
+def merge(features: torch.Tensor, keep_ratio: float, **_):
+    merged, index = merge_batch(features.unsqueeze(0), keep_ratio)
+    return merged[0], index[0]
 
 
-def merge_batch(features: torch.Tensor, keep_ratio: float) -> torch.Tensor:
+def merge_batch(features: torch.Tensor, keep_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Bipartite merging (see the module docstring) of a batch ``(B, N, D)`` of images at once.
 
     Each image is merged on its own; batching only shares the Python rounds between images.
+
+    Returns:
+        ``(merged (B, M, D), index (B, M))``: index is each survivor's original position.
     """
     batch, n_tokens, dim = features.shape
     target = kept_count(n_tokens, keep_ratio)
@@ -111,7 +128,7 @@ def merge_batch(features: torch.Tensor, keep_ratio: float) -> torch.Tensor:
         order = torch.cat([order[:, 0::2].gather(1, kept), order[:, 1::2]], 1)
         by_position = order.argsort(dim=-1)
         x, size, order = take(x, by_position), take(size, by_position), order.gather(1, by_position)
-    return x.to(features.dtype)
+    return x.to(features.dtype), order.long().cpu()
 
 
 COMPRESSORS: dict[str, Compressor] = {
@@ -130,8 +147,11 @@ def compress_features(
     grid: tuple[int, int],
     texts: list[torch.Tensor | None] | None = None,
     generator: torch.Generator | None = None,
-) -> list[torch.Tensor]:
-    """Compress each image's ``(N, D)`` features; returns a list of ``(M_i, D)`` tensors.
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Compress each image's ``(N, D)`` features.
+
+    Returns:
+        Per image ``(features (M_i, D), index (M_i,))`` (see the module docstring).
 
     Raises:
         ScheduleError: unknown method, or ``text_guided`` with a sample without text.
@@ -140,7 +160,7 @@ def compress_features(
         raise ScheduleError(f"unknown token method {method!r}; use one of {', '.join(COMPRESSORS)}")
     fn = COMPRESSORS[method]
     if method == "merge" and len(features) > 1 and len({tuple(f.shape) for f in features}) == 1:
-        return list(merge_batch(torch.stack(features), keep_ratio))
+        return list(zip(*merge_batch(torch.stack(features), keep_ratio)))
     texts = texts if texts is not None else [None] * len(features)
     return [
         fn(f, keep_ratio, grid=grid, text=t, generator=generator) for f, t in zip(features, texts)
@@ -154,42 +174,49 @@ def drop_placeholders(
     *,
     image_token_id: int,
     tokens_per_image: int,
-    kept_per_image: list[int],
+    kept_index: list[torch.Tensor],
     pad_token_id: int,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Keep the first ``kept_per_image[k]`` placeholders of the k-th image run, drop the rest.
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Keep ``len(kept_index[k])`` placeholders of the k-th image run, drop the rest.
 
     Images are counted in batch order (row by row, left to right), as LLaVA scatters features.
     Padding is dropped too, and rows are re-packed to the left and right-padded to the new
     longest row: a row without an image (text-only) keeps only its own length, so it does not
-    hold the batch at the dense length.
+    hold the batch at the dense length. Position ids stay those of the dense sequence: a text
+    token keeps its own, and the placeholders of image k get ``run start + kept_index[k]``.
 
     Returns:
-        ``(input_ids, labels, attention_mask)`` of the shorter batch.
+        ``(input_ids, labels, attention_mask, position_ids)`` of the shorter batch (padding
+        positions are 0).
     """
-    keep_rows, image_index = [], 0
+    keep_rows, position_rows, image_index = [], [], 0
     for row, row_mask in zip(input_ids, attention_mask):
-        is_image = row == image_token_id
         keep = row_mask > 0
-        positions = is_image.nonzero().flatten()
-        for start in range(0, positions.numel(), tokens_per_image):
-            run = positions[start : start + tokens_per_image]
-            keep[run[kept_per_image[image_index] :]] = False
+        position = (row_mask.long().cumsum(0) - 1).clamp(min=0)
+        runs = (row == image_token_id).nonzero().flatten()
+        for start in range(0, runs.numel(), tokens_per_image):
+            run = runs[start : start + tokens_per_image]
+            index = kept_index[image_index].to(position.device)
+            kept = run[: index.numel()]
+            position[kept] = position[run[0]] + index
+            keep[run[index.numel() :]] = False
             image_index += 1
         keep_rows.append(keep)
+        position_rows.append(position)
     length = max(int(k.sum()) for k in keep_rows)
 
-    def repack(x: torch.Tensor, fill: int) -> torch.Tensor:
-        out = x.new_full((x.shape[0], length), fill)
-        for i, keep in enumerate(keep_rows):
-            row = x[i][keep]
-            out[i, : row.numel()] = row
+    def repack(rows, fill: int) -> torch.Tensor:
+        out = rows[0].new_full((len(rows), length), fill)
+        for i, (row, keep) in enumerate(zip(rows, keep_rows)):
+            kept = row[keep]
+            out[i, : kept.numel()] = kept
         return out
 
     return (
         repack(input_ids, pad_token_id),
         None if labels is None else repack(labels, -100),
         repack(attention_mask, 0),
+        repack(position_rows, 0),
     )
 
 
@@ -218,7 +245,10 @@ def compressed_forward(
 
     The vision tower and projector run as usual; their per-image outputs are compressed, the
     surplus ``<image>`` positions are dropped, and the LLM runs the shorter sequence with the
-    compressed features passed as ``mm_encoder_outputs``.
+    compressed features passed as ``mm_encoder_outputs`` and every kept token at its dense
+    position id (counted from ``attention_mask``; a ``position_ids`` input is replaced). The
+    result equals the dense forward with the dropped visual tokens masked out of attention
+    (for ``random`` and ``text_guided``, which keep tokens unchanged).
 
     Args:
         model: a LLaVA-style ``...ForConditionalGeneration``.
@@ -240,7 +270,8 @@ def compressed_forward(
         ids = batch.get("input_ids")
         out.seq_len = 0 if ids is None else ids.shape[1]
         return out
-    rest = {k: v for k, v in batch.items() if k not in ("pixel_values", "input_ids", "labels", "attention_mask")}
+    rest = {k: v for k, v in batch.items()
+            if k not in ("pixel_values", "input_ids", "labels", "attention_mask", "position_ids")}
     input_ids, labels, attention_mask = batch["input_ids"], batch.get("labels"), batch["attention_mask"]
     image_outputs = model.model.get_image_features(
         pixel_values=pixel_values,
@@ -257,22 +288,23 @@ def compressed_forward(
     compressed = compress_features(
         features, method, keep_ratio, grid=parts.patch_grid, texts=texts, generator=generator
     )
-    input_ids, labels, attention_mask = drop_placeholders(
+    input_ids, labels, attention_mask, position_ids = drop_placeholders(
         input_ids, labels, attention_mask,
         image_token_id=parts.image_token_id,
         tokens_per_image=parts.num_visual_tokens,
-        kept_per_image=[c.shape[0] for c in compressed],
+        kept_index=[index for _, index in compressed],
         pad_token_id=pad_token_id,
     )
-    image_outputs.pooler_output = compressed
+    image_outputs.pooler_output = [c for c, _ in compressed]
     out = run(
         input_ids=input_ids,
         attention_mask=attention_mask,
+        position_ids=position_ids,
         labels=labels,
         mm_encoder_outputs={"image": image_outputs},
         **rest,
     )
-    out.kept_visual_tokens = sum(c.shape[0] for c in compressed)
+    out.kept_visual_tokens = sum(c.shape[0] for c, _ in compressed)
     out.seq_len = input_ids.shape[1]
     return out
 

@@ -126,26 +126,32 @@ def test_skip_works_with_gradient_checkpointing(small):
 def test_uniform_quarter_is_2x2_average_pooling():
     g = torch.Generator().manual_seed(0)
     feats = torch.randn(64, 5, generator=g)  # 8x8 grid, row-major
-    out = COMPRESSORS["uniform"](feats, 0.25, grid=(8, 8))
+    out, index = COMPRESSORS["uniform"](feats, 0.25, grid=(8, 8))
     expected = torch.empty(16, 5)
     for r in range(4):
         for c in range(4):
             cells = [feats[(2 * r + dr) * 8 + 2 * c + dc] for dr in (0, 1) for dc in (0, 1)]
             expected[r * 4 + c] = sum(cells) / 4
     torch.testing.assert_close(out, expected)
+    # each cell stands at its centre token (the upper-left of an even-sized cell's middle)
+    assert index.tolist() == [2 * r * 8 + 2 * c for r in range(4) for c in range(4)]
+    _, index = COMPRESSORS["uniform"](feats, 9 / 64, grid=(8, 8))  # 3x3 cells over 8: 0-2, 2-5, 5-7
+    assert index.tolist() == [r * 8 + c for r in (1, 3, 6) for c in (1, 3, 6)]
     assert pooled_grid((24, 24), 0.25) == (12, 12) and kept_count(576, 0.125) == 72
 
 
 def test_random_and_text_guided_keep_order_and_count():
     g = torch.Generator().manual_seed(0)
     feats = torch.arange(20.0).unsqueeze(1).repeat(1, 3)
-    out = COMPRESSORS["random"](feats, 0.5, generator=g)
+    out, index = COMPRESSORS["random"](feats, 0.5, generator=g)
     assert out.shape == (10, 3) and torch.all(out[1:, 0] > out[:-1, 0])
+    assert torch.equal(out, feats[index])
     text = torch.tensor([[1.0, 0.0, 0.0]])
     feats2 = torch.zeros(4, 3)
     feats2[1, 0] = feats2[3, 0] = 1.0
     feats2[0, 1] = feats2[2, 2] = 1.0
-    assert torch.equal(COMPRESSORS["text_guided"](feats2, 0.5, text=text), feats2[[1, 3]])
+    out, index = COMPRESSORS["text_guided"](feats2, 0.5, text=text)
+    assert torch.equal(out, feats2[[1, 3]]) and index.tolist() == [1, 3]
     with pytest.raises(ScheduleError, match="text_guided compression needs instruction text"):
         COMPRESSORS["text_guided"](feats2, 0.5, text=None)
 
@@ -153,34 +159,42 @@ def test_random_and_text_guided_keep_order_and_count():
 def test_merge_is_size_weighted_and_reaches_target():
     # duplicated neighbours (A/B partners in bipartite matching) merge into themselves, in order
     base = torch.eye(4)
-    out = merge(base.repeat_interleave(2, dim=0), 0.5)
+    out, index = merge(base.repeat_interleave(2, dim=0), 0.5)
     torch.testing.assert_close(out, base)
+    assert index.tolist() == [1, 3, 5, 7]  # each pair survives as its B token
     g = torch.Generator().manual_seed(1)
     x = torch.randn(576, 8, generator=g)
-    assert merge(x, 0.125).shape == (72, 8)
+    out, index = merge(x, 0.125)
+    assert out.shape == (72, 8) and torch.all(index[1:] > index[:-1])
     # total mass is preserved by size-weighted averaging when everything merges into one token
-    torch.testing.assert_close(merge(x[:8], 1 / 8)[0], x[:8].mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(merge(x[:8], 1 / 8)[0][0], x[:8].mean(0), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.25, 0.125, 0.3])
 def test_batched_merge_equals_per_image_merge(keep):
     g = torch.Generator().manual_seed(2)
     feats = torch.randn(3, 64, 8, generator=g)
-    batched = merge_batch(feats, keep)
+    batched, index = merge_batch(feats, keep)
     for i in range(3):
-        torch.testing.assert_close(batched[i], merge(feats[i], keep), rtol=1e-5, atol=1e-6)
-    assert torch.equal(torch.stack(compress_features(list(feats), "merge", keep, grid=(8, 8))), batched)
+        one, one_index = merge(feats[i], keep)
+        torch.testing.assert_close(batched[i], one, rtol=1e-5, atol=1e-6)
+        assert torch.equal(index[i], one_index)
+    per_image = compress_features(list(feats), "merge", keep, grid=(8, 8))
+    assert torch.equal(torch.stack([f for f, _ in per_image]), batched)
 
 
 def test_drop_placeholders_keeps_text_and_labels_aligned():
     ids = torch.tensor([[1, 4, 4, 4, 4, 7, 8, 9], [1, 7, 4, 4, 4, 4, 8, 0]])
     labels = torch.tensor([[-100] * 6 + [8, 9], [-100] * 6 + [8, -100]])
     mask = torch.tensor([[1] * 8, [1] * 7 + [0]])
-    new_ids, new_labels, new_mask = drop_placeholders(
-        ids, labels, mask, image_token_id=4, tokens_per_image=4, kept_per_image=[1, 2], pad_token_id=0)
+    new_ids, new_labels, new_mask, positions = drop_placeholders(
+        ids, labels, mask, image_token_id=4, tokens_per_image=4,
+        kept_index=[torch.tensor([2]), torch.tensor([0, 3])], pad_token_id=0)
     assert new_ids.tolist() == [[1, 4, 7, 8, 9], [1, 7, 4, 4, 8]]
     assert new_labels.tolist() == [[-100, -100, -100, 8, 9], [-100, -100, -100, -100, 8]]
     assert new_mask.tolist() == [[1] * 5, [1] * 5]
+    # every kept token keeps its dense position: text as before, visual token k at run start + k
+    assert positions.tolist() == [[0, 1 + 2, 5, 6, 7], [0, 1, 2 + 0, 2 + 3, 6]]
 
 
 def test_drop_placeholders_shortens_a_batch_with_a_text_only_row():
@@ -188,11 +202,12 @@ def test_drop_placeholders_shortens_a_batch_with_a_text_only_row():
     ids = torch.tensor([[1, 4, 4, 4, 4, 7, 8, 9], [1, 7, 8, 0, 0, 0, 0, 0]])
     labels = torch.tensor([[-100] * 6 + [8, 9], [-100, -100, 8] + [-100] * 5])
     mask = (ids != 0).long()
-    new_ids, new_labels, new_mask = drop_placeholders(
-        ids, labels, mask, image_token_id=4, tokens_per_image=4, kept_per_image=[1], pad_token_id=0)
+    new_ids, new_labels, new_mask, positions = drop_placeholders(
+        ids, labels, mask, image_token_id=4, tokens_per_image=4, kept_index=[torch.tensor([0])], pad_token_id=0)
     assert new_ids.tolist() == [[1, 4, 7, 8, 9], [1, 7, 8, 0, 0]]
     assert new_labels.tolist() == [[-100, -100, -100, 8, 9], [-100, -100, 8, -100, -100]]
     assert new_mask.tolist() == [[1] * 5, [1, 1, 1, 0, 0]]
+    assert positions.tolist() == [[0, 1, 5, 6, 7], [0, 1, 2, 0, 0]]
 
 
 def test_compressed_forward_runs_shorter_sequence_with_pooled_features(small):
@@ -229,6 +244,26 @@ def test_compressed_forward_runs_shorter_sequence_with_pooled_features(small):
     with torch.no_grad():
         model(**batch)
     assert comp.last_seq_len == batch["input_ids"].shape[1]
+
+
+def test_dropping_tokens_equals_masking_them_in_the_dense_sequence(small):
+    """Kept tokens keep their dense position ids, so the shorter sequence computes exactly what
+    the dense one computes when attention cannot see the dropped visual tokens."""
+    model, parts = small
+    batch = _batch(parts, rows=2, text=12)
+    comp = TokenCompressor(model, parts, pad_token_id=0)
+    comp.set("random", 0.5, torch.Generator().manual_seed(3))
+    out = model(**batch)
+    n, kept = parts.num_visual_tokens, kept_count(parts.num_visual_tokens, 0.5)
+    g = torch.Generator().manual_seed(3)  # the compressor's draws, image by image
+    mask = batch["attention_mask"].clone()
+    for row in range(2):
+        dropped = torch.randperm(n, generator=g)[kept:]
+        mask[row, 1 + dropped] = 0
+    comp.set(None, 1.0)
+    ref = model(**{**batch, "attention_mask": mask})
+    torch.testing.assert_close(out.logits[:, 1 + kept :], ref.logits[:, 1 + n :], rtol=1e-4, atol=1e-4)
+    assert out.loss.item() == pytest.approx(ref.loss.item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("method", sorted(COMPRESSORS))
