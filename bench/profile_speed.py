@@ -34,6 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchio import add_output_options, check_output_options
 from sts_train.configtools import atomic_write_text
 
 TARGET_OVERHEAD = 1.25  # passive forward / plain forward
@@ -242,8 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=8, help="calibration samples of each analysis")
     ap.add_argument("--counts", default="1,2,4,8", help="checkpoint counts of the analysis runs")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    ap.add_argument("--json", type=Path, default=None, help="also write the result here")
-    ap.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    add_output_options(ap)
     ap.add_argument("--child", help=argparse.SUPPRESS)  # internal: one analysis subprocess
     args = ap.parse_args(argv)
     if args.child is not None:
@@ -256,8 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.counts) < 1 or min(args.rounds, args.batches, args.batch_size, args.samples, args.threads) < 1 \
             or args.warmup < 0:
         ap.error("--counts, --rounds, --batches, --batch-size, --samples, --threads must be >= 1, --warmup >= 0")
-    if args.json is not None and args.json.exists() and not args.overwrite:
-        ap.error(f"{args.json} exists; pass --overwrite to replace it")
+    check_output_options(ap, args)
     args.mem_size = args.mem_size or args.size
 
     import torch

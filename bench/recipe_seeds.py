@@ -28,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchio import add_output_options, check_output_options
 from sts_train.configtools import atomic_write_text
 
 TARGET_SPEEDUP_E2E, TARGET_ACC_POINTS = 1.67, 1.0
@@ -85,14 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--size", default="demo", choices=("test", "demo"))
-    ap.add_argument("--work", type=Path, default=None, help="keep the runs and reports here (new or empty folder)")
-    ap.add_argument("--json", type=Path, default=None, help="also write the result here")
-    ap.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    add_output_options(ap, work_help="keep the runs and reports here")
     args = ap.parse_args(argv)
-    if args.json is not None and args.json.exists() and not args.overwrite:
-        ap.error(f"{args.json} exists; pass --overwrite to replace it")
-    if args.work is not None and args.work.exists() and any(args.work.iterdir()):
-        ap.error(f"{args.work} is not empty; pass a new or empty folder")
+    check_output_options(ap, args)
     work = args.work or Path(tempfile.mkdtemp(prefix="sts-recipe-seeds-"))
     started, load_start = time.perf_counter(), os.getloadavg()[0]
     per_seed = {}

@@ -44,6 +44,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from benchio import add_output_options, check_output_options
 from sts_train.configtools import atomic_write_text
 
 ARMS = ("dense", "paper", "uniform", "profile")
@@ -254,14 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target-speedup", type=float, default=2.0, help="budget of the profile arm, per stage")
     ap.add_argument("--alignment-steps", type=int, default=None, help="default: the size's preset")
     ap.add_argument("--instruction-steps", type=int, default=None, help="default: the size's preset")
-    ap.add_argument("--work", type=Path, default=None, help="keep the runs here (new or empty folder)")
-    ap.add_argument("--json", type=Path, default=None, help="also write the result here")
-    ap.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    add_output_options(ap, work_help="keep the runs here")
     args = ap.parse_args(argv)
-    if args.json is not None and args.json.exists() and not args.overwrite:
-        ap.error(f"{args.json} exists; pass --overwrite to replace it")
-    if args.work is not None and args.work.exists() and any(args.work.iterdir()):
-        ap.error(f"{args.work} is not empty; pass a new or empty folder")
+    check_output_options(ap, args)
     if args.target_speedup <= 1.0:
         ap.error("--target-speedup must be > 1")
     work = args.work or Path(tempfile.mkdtemp(prefix="sts-schedule-quality-"))

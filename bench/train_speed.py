@@ -32,6 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchio import add_output_options, check_output_options
 from sts_train.configtools import atomic_write_text
 
 MODES = {  # name -> (token keep ratio, skipped decoder layers)
@@ -92,13 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=2, help="rounds run first and discarded")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    ap.add_argument("--json", type=Path, default=None, help="also write the result here")
-    ap.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    add_output_options(ap)
     args = ap.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.batch_size < 1 or args.threads < 1:
         ap.error("--steps, --batch-size and --threads must be >= 1, --warmup >= 0")
-    if args.json is not None and args.json.exists() and not args.overwrite:
-        ap.error(f"{args.json} exists; pass --overwrite to replace it")
+    check_output_options(ap, args)
 
     import torch
     import transformers
