@@ -93,12 +93,13 @@ def score(model, dataset, collator, batch_size: int = 8, limit: int | None = Non
         items = [dataset[i] for i in rows]
         batch = collator(items)
         labels = batch.pop("labels")
-        logits = model(**batch).logits[:, :-1].float()
         target = labels[:, 1:]
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                 ignore_index=IGNORE_INDEX, reduction="sum").item()
-        count += int((target != IGNORE_INDEX).sum())
-        hit = logits.argmax(-1) == target
+        supervised = target != IGNORE_INDEX
+        logits = model(**batch).logits[:, :-1][supervised].float()  # answer positions only
+        total += F.cross_entropy(logits, target[supervised], reduction="sum").item()
+        count += int(supervised.sum())
+        hit = torch.zeros_like(supervised)
+        hit[supervised] = logits.argmax(-1) == target[supervised]
         for r, (i, item) in enumerate(zip(rows, items)):
             kinds = turn_kinds(dataset.samples[i])
             outcomes += [[item["id"], t, kind, ok]
