@@ -58,11 +58,24 @@ def train(
         from sts_train.train import train as run_train
 
         summary = run_train(cfg, resume=resume, overwrite=overwrite)
+        _end_distributed()
         typer.echo(
             f"done: {summary['global_step']} steps in {summary['wall_time_s']:.1f} s, "
             f"FLOPs saved {100 * summary['flops_saved_frac']:.1f}%, "
             f"speedup estimate {summary['speedup_estimate']:.2f}x -> {cfg.output_dir}"
         )
+
+
+def _end_distributed() -> None:
+    """Tear down the process group the HF Trainer opened (torchrun/accelerate) before exit.
+
+    Left to interpreter shutdown, a gloo group's threads can be destroyed while still joinable,
+    and a finished run then aborts ("terminate called without an active exception", exit -6)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 @app.command("make-data")
