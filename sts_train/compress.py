@@ -84,7 +84,7 @@ def text_guided(features: torch.Tensor, keep_ratio: float, *, text=None, **_):
     query = text.float().mean(0, keepdim=True)
     score = F.cosine_similarity(features.float(), query, dim=-1)
     keep = score.topk(kept_count(features.shape[0], keep_ratio)).indices.sort().values
-    return features[keep], keep.cpu()
+    return features[keep], keep
 
 
 def merge(features: torch.Tensor, keep_ratio: float, **_):
@@ -128,7 +128,7 @@ def merge_batch(features: torch.Tensor, keep_ratio: float) -> tuple[torch.Tensor
         order = torch.cat([order[:, 0::2].gather(1, kept), order[:, 1::2]], 1)
         by_position = order.argsort(dim=-1)
         x, size, order = take(x, by_position), take(size, by_position), order.gather(1, by_position)
-    return x.to(features.dtype), order.long().cpu()
+    return x.to(features.dtype), order.long()
 
 
 COMPRESSORS: dict[str, Compressor] = {
