@@ -30,6 +30,9 @@ Rules per stage of the tables (plain, documented choices):
   ``constant``. One checkpoint: layers ``linear``, tokens ``constant``.
 * **Token curve**: ``keep_ratio_end = min(1, keep_ratio * need_last / need_first)`` along that
   curve (the ratio follows the fraction of distinct tokens; never below the measured start).
+* **Token loss**: an option's ``loss_delta`` is the largest measured delta of its method at
+  its own or any milder keep ratio (``measured_loss_delta`` keeps the probe's value), so a
+  harsher ratio never ranks as cheaper than a milder one on probe noise.
 * **Budget** ``max_loss_increase``: of the token options within tolerance (and dense), with
   the rest of the tolerance spent on layers, the highest predicted speedup (no layers: the
   cheapest option within tolerance). ``target_speedup``: of the options reaching the target (a
