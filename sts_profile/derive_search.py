@@ -253,14 +253,10 @@ def _token_options(df: pd.DataFrame) -> list[dict]:
     if m.empty:
         return []
     per = m.groupby(["method", "keep_ratio", "step"])["value"].mean().groupby(["method", "keep_ratio"]).max()
-    out, envelope = [], {}
-    for (method, ratio), value in sorted(per.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
-        if not np.isfinite(value):
-            continue
-        envelope[method] = max(float(value), envelope.get(method, -math.inf))
-        out.append({"method": str(method), "keep_ratio": float(ratio), "loss_delta": envelope[method],
-                    "measured_loss_delta": float(value)})
-    return sorted(out, key=lambda o: (o["method"], o["keep_ratio"]))
+    per = per[np.isfinite(per)]
+    envelope = per.sort_index(ascending=False).groupby(level="method").cummax()
+    return [{"method": str(k[0]), "keep_ratio": float(k[1]), "loss_delta": float(envelope[k]),
+             "measured_loss_delta": float(v)} for k, v in per.items()]
 
 
 def _token_trend(df: pd.DataFrame, steps_range: tuple[int, int] | None) -> tuple[float, str, dict]:
