@@ -1,8 +1,9 @@
-"""Command-line output options the bench scripts share: ``--json``, ``--overwrite``, ``--work``."""
+"""Command-line options the bench scripts share: ``--json``, ``--overwrite``, ``--work``, ``--extend``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 
@@ -21,3 +22,49 @@ def check_output_options(ap: argparse.ArgumentParser, args: argparse.Namespace) 
     work = getattr(args, "work", None)
     if work is not None and work.exists() and any(work.iterdir()):
         ap.error(f"{work} is not empty; pass a new or empty folder")
+
+
+def add_extend_option(ap: argparse.ArgumentParser) -> None:
+    """``--extend``: add seeds to an earlier ``--json`` result of the same settings."""
+    ap.add_argument("--extend", type=Path, default=None,
+                    help="an earlier --json result of the same settings to add seeds to (only new seeds run)")
+
+
+def load_earlier(ap: argparse.ArgumentParser, args: argparse.Namespace, settings: dict,
+                 seed_keys: set[str]) -> dict | None:
+    """The earlier result ``--extend`` names, or None; argparse error (exit 2) when it does not fit.
+
+    ``settings`` are the ``config`` entries the earlier run must share with this one (a missing
+    entry in the earlier file counts as None, a preset); ``seed_keys`` are entries every per-seed
+    result of this script has (another script's result lacks them); a seed it already holds is
+    refused.
+    """
+    if args.extend is None:
+        return None
+    path = args.extend
+    try:
+        earlier = json.loads(path.read_text())
+        earlier["per_seed"] = {int(k): v for k, v in earlier["per_seed"].items()}
+        config = earlier["config"]
+        differ = {k: config.get(k) for k, v in settings.items() if config.get(k) != v}
+        lacking = sorted({k for r in earlier["per_seed"].values() for k in seed_keys - set(r)})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        ap.error(f"--extend {path}: not a result of this script ({type(e).__name__}: {e}); pass a --json file it wrote")
+    if lacking or not earlier["per_seed"]:
+        ap.error(f"--extend {path}: not a result of this script (per-seed results lack {lacking}); "
+                 "pass a --json file it wrote")
+    if differ:
+        ap.error(f"--extend {path} was run with {differ}; pass the same settings or another file")
+    again = sorted(set(args.seeds) & set(earlier["per_seed"]))
+    if again:
+        ap.error(f"--extend {path} already holds seed(s) {again}; drop them from --seeds")
+    return earlier
+
+
+def merge_earlier(earlier: dict | None, path: Path | None, per_seed: dict, config: dict) -> tuple[dict, dict]:
+    """Per-seed results and config over both runs (unchanged without ``--extend``)."""
+    if earlier is None:
+        return per_seed, config
+    merged = dict(sorted({**earlier["per_seed"], **per_seed}.items()))
+    return merged, {**config, "seeds": list(merged), "seeds_run_now": config["seeds"],
+                    "extended_from": {"file": str(path), "config": earlier["config"]}}

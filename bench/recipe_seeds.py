@@ -37,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchio import add_output_options, check_output_options
+from benchio import add_extend_option, add_output_options, check_output_options, load_earlier, merge_earlier
 from sts_train.configtools import atomic_write_text
 
 TARGET_SPEEDUP_E2E, TARGET_ACC_POINTS = 1.67, 1.0
@@ -109,30 +109,15 @@ def summarize(per_seed: dict[int, dict]) -> tuple[dict, dict, str]:
     return means, verdict, "\n".join(rows)
 
 
-def load_earlier(ap: argparse.ArgumentParser, path: Path, size: str, seeds: list[int]) -> dict:
-    """Per-seed results of an earlier run to extend (argparse error, exit 2, when they do not fit)."""
-    try:
-        earlier = json.loads(path.read_text())
-        per_seed, earlier_size = {int(k): v for k, v in earlier["per_seed"].items()}, earlier["config"]["size"]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        ap.error(f"--extend {path}: not a recipe_seeds result ({type(e).__name__}: {e}); pass a --json file it wrote")
-    if earlier_size != size:
-        ap.error(f"--extend {path} holds --size {earlier_size} runs; pass --size {earlier_size} or another file")
-    again = sorted(set(seeds) & set(per_seed))
-    if again:
-        ap.error(f"--extend {path} already holds seed(s) {again}; drop them from --seeds")
-    return earlier
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--size", default="demo", choices=("test", "demo"))
-    ap.add_argument("--extend", type=Path, default=None, help="an earlier --json result of the same size to add seeds to")
+    add_extend_option(ap)
     add_output_options(ap, work_help="keep the runs and reports here")
     args = ap.parse_args(argv)
     check_output_options(ap, args)
-    earlier = load_earlier(ap, args.extend, args.size, args.seeds) if args.extend is not None else None
+    earlier = load_earlier(ap, args, {"size": args.size}, {"speedup", "difference", "accuracy_dense"})
     work = args.work or Path(tempfile.mkdtemp(prefix="sts-recipe-seeds-"))
     started, load_start = time.perf_counter(), os.getloadavg()[0]
     per_seed = {}
@@ -145,10 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     config = {"size": args.size, "seeds": args.seeds, "runtime_s": time.perf_counter() - started,
               "loadavg_1m_start": load_start, "loadavg_1m_end": os.getloadavg()[0], "cpu_count": os.cpu_count()}
-    if earlier is not None:
-        per_seed = dict(sorted({**{int(k): v for k, v in earlier["per_seed"].items()}, **per_seed}.items()))
-        config = {**config, "seeds": list(per_seed), "seeds_run_now": args.seeds,
-                  "extended_from": {"file": str(args.extend), "config": earlier["config"]}}
+    per_seed, config = merge_earlier(earlier, args.extend, per_seed, config)
     means, verdict, table = summarize(per_seed)
     result = {"means": means, "targets": verdict, "per_seed": per_seed, "table": table, "config": config}
     text = json.dumps(result, indent=2, default=str) + "\n"

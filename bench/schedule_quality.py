@@ -27,6 +27,8 @@ prediction. Every arm is evaluated densely on the held-out splits (evaluate_run)
 Wall time is the trainers' wall_time_s summed over both stages (the profile arm's dense run and
 analysis are not in it), and, robust to the shared machine's contention spikes, steps x median
 step time (sts_log.jsonl). Progress goes to stderr; the JSON and a Markdown table to stdout.
+``--extend results.json`` adds seeds to an earlier result with the same settings (size, target,
+steps): its per-seed results are kept, only the new seeds run, the summary covers all.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from benchio import add_output_options, check_output_options
+from benchio import add_extend_option, add_output_options, check_output_options, load_earlier, merge_earlier
 from sts_train.configtools import atomic_write_text
 
 ARMS = ("dense", "paper", "uniform", "profile")
@@ -255,11 +257,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target-speedup", type=float, default=2.0, help="budget of the profile arm, per stage")
     ap.add_argument("--alignment-steps", type=int, default=None, help="default: the size's preset")
     ap.add_argument("--instruction-steps", type=int, default=None, help="default: the size's preset")
+    add_extend_option(ap)
     add_output_options(ap, work_help="keep the runs here")
     args = ap.parse_args(argv)
     check_output_options(ap, args)
     if args.target_speedup <= 1.0:
         ap.error("--target-speedup must be > 1")
+    settings = {"size": args.size, "target_speedup": args.target_speedup,
+                "alignment_steps": args.alignment_steps, "instruction_steps": args.instruction_steps}
+    earlier = load_earlier(ap, args, settings, set(ARMS))
     work = args.work or Path(tempfile.mkdtemp(prefix="sts-schedule-quality-"))
     started, load_start = time.perf_counter(), os.getloadavg()[0]
     per_seed = {}
@@ -270,14 +276,15 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
+    config = {**settings, "seeds": args.seeds, "runtime_s": time.perf_counter() - started,
+              "loadavg_1m_start": load_start, "loadavg_1m_end": os.getloadavg()[0], "cpu_count": os.cpu_count()}
+    per_seed, config = merge_earlier(earlier, args.extend, per_seed, config)
     means, verdict, table = summarize(per_seed)
     notes = [f"seed {s}: {arm} needed uniform pooling in instruction too (keep ratio "
              f"{r[arm]['keep_ratio_instruction']:.3f}): layers alone cannot reach the budget"
              for s, r in per_seed.items() for arm in ("paper", "uniform") if r[arm]["instruction_pooling_added"]]
     result = {"arms": means, "per_seed": per_seed, "targets": verdict, "notes": notes, "table": table,
-              "config": {"size": args.size, "seeds": args.seeds, "target_speedup": args.target_speedup,
-                         "runtime_s": time.perf_counter() - started, "loadavg_1m_start": load_start,
-                         "loadavg_1m_end": os.getloadavg()[0], "cpu_count": os.cpu_count()}}
+              "config": config}
     text = json.dumps(result, indent=2, default=str) + "\n"
     print(text, end="")
     print("\n" + table + "\n\n" + "\n".join(notes + [f"{k}: {v}" for k, v in verdict.items()]))
