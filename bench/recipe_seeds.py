@@ -17,8 +17,10 @@ is at most 1 point). Progress goes to stderr, the JSON and a Markdown table to s
 ``--json``, written atomically; an existing file needs ``--overwrite``).
 
 ``--extend results.json`` adds seeds to an earlier run of the same size: its per-seed results
-are kept as they are, only the seeds it lacks are run, and the summary covers all of them
-(training is deterministic per seed, so this matches one run over every seed up to wall time):
+are kept as they are, only the seeds it lacks are run, and the summary covers all of them.
+Training is deterministic per seed on one machine, so on the same machine this matches one run
+over every seed up to wall time; on another machine a seed trains differently (CPU kernels),
+which the per-seed paired differences do not mind:
 
     python bench/recipe_seeds.py --seeds 8 9 10 11 --extend bench/results_recipe_seeds.json \
         --json bench/results_recipe_seeds.json --overwrite
