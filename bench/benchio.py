@@ -50,7 +50,9 @@ def load_earlier(ap: argparse.ArgumentParser, args: argparse.Namespace, settings
         lacking = sorted({k for r in earlier["per_seed"].values() for k in seed_keys - set(r)})
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         ap.error(f"--extend {path}: not a result of this script ({type(e).__name__}: {e}); pass a --json file it wrote")
-    if lacking or not earlier["per_seed"]:
+    if not earlier["per_seed"]:
+        ap.error(f"--extend {path} holds no per-seed results; pass a --json file this script wrote")
+    if lacking:
         ap.error(f"--extend {path}: not a result of this script (per-seed results lack {lacking}); "
                  "pass a --json file it wrote")
     if differ:
