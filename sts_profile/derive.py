@@ -39,6 +39,12 @@ Rules per stage of the tables (plain, documented choices):
   measured token option plus just enough layer skipping, or a keep ratio between measured ones,
   its loss bounded by the next smaller measured ratio), the smallest predicted loss, recorded
   as the derived tolerance. Unknown layer loss ranks worse than any known loss.
+* **Probe noise** (``target_speedup``): options whose predicted loss lies within 2 standard
+  errors of the lowest (``compress_loss_delta_se``, combined as ``sqrt(se_a^2 + se_b^2)``) are
+  a tie the probes cannot break; it goes to uniform pooling, then merge, then the rest by
+  predicted loss. Pooling and merging keep every patch's content; the probes score the
+  one-shot loss of a model not trained with compression, not how training adapts to each
+  method. Tables without the standard error break ties only on equal losses.
 
 The trend fitting, cost model and candidate search live in :mod:`sts_profile.derive_search`;
 their public names are re-exported here.
@@ -282,8 +288,9 @@ def derive_schedule(layers: pd.DataFrame | None, tokens: pd.DataFrame | None, *,
             "checkpoints": [{"checkpoint": c, "step": s} for c, s, _ in _checkpoints(ldf, tdf)],
             "llm_frozen": frozen, "llm_frozen_by": by,
             "token_options": options, "token_trend": trend, "layer_sensitivity": layer_info,
-            "choice": {k: best[k] for k in ("kind", "token_loss_delta", "bound_from_keep_ratio",
-                                            "layer_loss", "predicted_loss_increase", "candidates")},
+            "choice": {k: best[k] for k in ("kind", "token_loss_delta", "token_loss_se", "bound_from_keep_ratio",
+                                            "layer_loss", "predicted_loss_increase", "candidates",
+                                            "ties", "lowest_loss_option") if k in best},
             "predicted_speedup": speedup,
         }
         if budget.target_speedup is not None:

@@ -28,6 +28,12 @@ TREND_MIN_REL_RISE = 0.05
 # 1.3 tokens per image is 30% relative, but noise, not a trend.
 TOKEN_TREND_MIN_ABS_RISE = 0.01
 PROGRESS_POINTS = 200
+# Options whose predicted losses differ by less than TIE_Z standard errors of the token probes
+# (sqrt(se_a^2 + se_b^2), about 95%) are a tie that the probes cannot break; the tie goes to the
+# method that summarises every patch in a fixed grid (uniform pooling), then the one that merges
+# every patch into a kept one (merge), then the rest by predicted loss.
+TIE_Z = 2.0
+METHOD_RANK = {"uniform": 0, "merge": 1}
 _FITTED_CURVES = ("linear", "quadratic", "cosine")
 
 
@@ -247,16 +253,23 @@ def _token_options(df: pd.DataFrame) -> list[dict]:
     fewer tokens cannot be credited with less loss than keeping more. A probe on a few
     calibration samples can measure the harsher ratio as cheaper; taken at face value, that
     noise makes the search overshoot the budget (the demo picked keep 0.25, 3.0x, at target 2x).
+
+    ``loss_delta_se`` is the largest ``compress_loss_delta_se`` (the probe's standard error over
+    calibration samples) over the same checkpoints and ratios; 0 where the tables lack it.
     """
-    m = df[(df["metric"] == "compress_loss_delta") & df["method"].isin(
-        ["uniform", "random", "text_guided", "merge"]) & (df["keep_ratio"] > 0) & (df["keep_ratio"] < 1)]
-    if m.empty:
+    def per_option(metric: str) -> pd.Series:
+        m = df[(df["metric"] == metric) & df["method"].isin(["uniform", "random", "text_guided", "merge"])
+               & (df["keep_ratio"] > 0) & (df["keep_ratio"] < 1)]
+        return m.groupby(["method", "keep_ratio", "step"])["value"].mean().groupby(["method", "keep_ratio"]).max()
+
+    per = per_option("compress_loss_delta")
+    if per.empty:
         return []
-    per = m.groupby(["method", "keep_ratio", "step"])["value"].mean().groupby(["method", "keep_ratio"]).max()
-    per = per[np.isfinite(per)]
-    envelope = per.sort_index(ascending=False).groupby(level="method").cummax()
+    per = per[np.isfinite(per.astype(float))]
+    se = per_option("compress_loss_delta_se").reindex(per.index).fillna(0.0)
+    envelope, se_envelope = (v.sort_index(ascending=False).groupby(level="method").cummax() for v in (per, se))
     return [{"method": str(k[0]), "keep_ratio": float(k[1]), "loss_delta": float(envelope[k]),
-             "measured_loss_delta": float(v)} for k, v in per.items()]
+             "measured_loss_delta": float(v), "loss_delta_se": float(se_envelope[k])} for k, v in per.items()]
 
 
 def _token_trend(df: pd.DataFrame, steps_range: tuple[int, int] | None) -> tuple[float, str, dict]:
@@ -286,7 +299,8 @@ def _choose(options: list[dict], layer_model: _Layers | None, relax: float, curv
     n_layers = cost_args["num_layers"]
     candidates = []
 
-    def add(kind: str, method: str | None, ratio: float, token_delta: float, measured: float | None) -> None:
+    def add(kind: str, method: str | None, ratio: float, token_delta: float, measured: float | None,
+            token_se: float = 0.0) -> None:
         tok = _tokens(method, ratio, relax, curve)
         cost = _cost(tok, decay, **cost_args)
         probs = [0.0] * n_layers
@@ -302,6 +316,7 @@ def _choose(options: list[dict], layer_model: _Layers | None, relax: float, curv
         layer_loss = 0.0 if total == 0 else (math.nan if layer_model is None else layer_model.loss(probs))
         candidates.append({
             "kind": kind, "tokens": tok, "skip_prob": probs, "token_loss_delta": token_delta,
+            "token_loss_se": token_se,
             "bound_from_keep_ratio": measured, "predicted_speedup": cost.speedup(total),
             "layer_loss": layer_loss, "unknown_layer_loss": total if math.isnan(layer_loss) else 0.0,
             "predicted_loss_increase": token_delta + (0.0 if math.isnan(layer_loss) else layer_loss),
@@ -310,25 +325,50 @@ def _choose(options: list[dict], layer_model: _Layers | None, relax: float, curv
     add("dense tokens", None, 1.0, 0.0, None)
     for opt in options:
         if budget.max_loss_increase is None or opt["loss_delta"] <= budget.max_loss_increase:
-            add("measured token option", opt["method"], opt["keep_ratio"], opt["loss_delta"], opt["keep_ratio"])
+            add("measured token option", opt["method"], opt["keep_ratio"], opt["loss_delta"], opt["keep_ratio"],
+                opt.get("loss_delta_se", 0.0))
     if budget.target_speedup is not None:
         for method in sorted({o["method"] for o in options}):
-            measured = sorted((o["keep_ratio"], o["loss_delta"]) for o in options if o["method"] == method)
-            ratio = _ratio_for_target(method, measured[0][0], relax, curve, budget.target_speedup, cost_args)
+            measured = {o["keep_ratio"]: o for o in options if o["method"] == method}
+            ratio = _ratio_for_target(method, min(measured), relax, curve, budget.target_speedup, cost_args)
             if ratio is not None:
-                bound = max(r for r, _ in measured if r <= ratio)
-                add("token ratio between measured ones", method, ratio, dict(measured)[bound], bound)
+                bound = measured[max(r for r in measured if r <= ratio)]
+                add("token ratio between measured ones", method, ratio, bound["loss_delta"], bound["keep_ratio"],
+                    bound.get("loss_delta_se", 0.0))
         target = budget.target_speedup
         met = [c for c in candidates if c["predicted_speedup"] >= target * (1 - 1e-9)]
         if met:
-            best = min(met, key=lambda c: (c["unknown_layer_loss"], c["predicted_loss_increase"],
-                                           c["predicted_speedup"]))
+            best = _prefer_within_noise(met)
         else:
             best = max(candidates, key=lambda c: c["predicted_speedup"])
         best["target_met"] = bool(met)
     else:
         best = min(candidates, key=lambda c: (-round(c["predicted_speedup"], 9), c["predicted_loss_increase"]))
     best["candidates"] = len(candidates)
+    return best
+
+
+def _prefer_within_noise(met: list[dict]) -> dict:
+    """The candidate to take among those reaching the target.
+
+    The lowest predicted loss (unknown layer loss ranks worse than any known loss), unless
+    others lie within ``TIE_Z`` token-probe standard errors of it: then the most preferred
+    method among those ties (``METHOD_RANK``), by predicted loss. ``ties`` records how many tied.
+    """
+    known = min(c["unknown_layer_loss"] for c in met)
+    pool = [c for c in met if c["unknown_layer_loss"] == known]
+    lowest = min(pool, key=lambda c: (c["predicted_loss_increase"], c["predicted_speedup"]))
+
+    def se(c: dict) -> float:
+        return 0.0 if math.isnan(c["token_loss_se"]) else c["token_loss_se"]
+
+    ties = [c for c in pool if c["predicted_loss_increase"] - lowest["predicted_loss_increase"]
+            <= TIE_Z * math.hypot(se(c), se(lowest))]
+    best = min(ties, key=lambda c: (METHOD_RANK.get(c["tokens"].method if c["tokens"] else None, len(METHOD_RANK)),
+                                    c["predicted_loss_increase"], c["predicted_speedup"]))
+    best["ties"] = len(ties)
+    best["lowest_loss_option"] = {"method": lowest["tokens"].method if lowest["tokens"] else None,
+                                  "kind": lowest["kind"], "predicted_loss_increase": lowest["predicted_loss_increase"]}
     return best
 
 

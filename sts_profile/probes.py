@@ -13,6 +13,12 @@ training), with ``p`` the dense and ``p~`` the probed next-token distribution::
     skip_kl[l]          = mean_n  sum_v p(v) (log p(v) - log p~(v))          (KL(dense || skipped))
     compress_loss_delta[method, r] = mean_n -log p~(y_n | visual tokens compressed to r) - dense_loss
 
+``compress_loss_delta_se`` is the standard error of that delta over the calibration samples
+(``m`` of them with supervised tokens): with ``d_i`` the sample's summed NLL increase and ``n_i``
+its supervised tokens, the delta is the ratio ``sum d / sum n`` and its linearised standard error
+is ``sqrt(m / (m - 1) * sum_i (d_i - delta * n_i)^2) / sum n`` (NaN below two samples). The
+derivation reads it to tell token methods apart from probe noise.
+
 Skipping layer ``l`` returns its input unchanged, which is exactly the model with the layer
 removed. ``random`` compression uses a generator seeded from (seed, batch index, keep ratio),
 so repeated analyses give the same numbers.
@@ -48,6 +54,26 @@ def supervised_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[tor
 def nll_sum(log_probs: torch.Tensor, targets: torch.Tensor) -> float:
     """Sum of ``-log p(target)`` over positions."""
     return float(-log_probs.gather(-1, targets[:, None]).sum())
+
+
+def row_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: ``(sum of -log p(target) over its supervised positions, their count)``."""
+    shift_labels = labels[:, 1:]
+    keep = shift_labels != IGNORE_INDEX
+    log_probs = F.log_softmax(logits[:, :-1][keep].float(), dim=-1)
+    nll = -log_probs.gather(-1, shift_labels[keep][:, None])[:, 0]
+    rows = keep.nonzero()[:, 0]
+    return torch.zeros(labels.shape[0]).index_add_(0, rows, nll), keep.sum(1)
+
+
+def ratio_se(increase: list[float], counts: list[int]) -> float:
+    """Linearised standard error of ``sum(increase) / sum(counts)`` over samples with counts > 0."""
+    pairs = [(d, n) for d, n in zip(increase, counts) if n > 0]
+    m, total = len(pairs), sum(n for _, n in pairs)
+    if m < 2:
+        return math.nan
+    ratio = sum(d for d, _ in pairs) / total
+    return math.sqrt(m / (m - 1) * sum((d - ratio * n) ** 2 for d, n in pairs)) / total
 
 
 def kl_sum(dense_log_probs: torch.Tensor, probe_log_probs: torch.Tensor) -> float:
@@ -86,6 +112,10 @@ class ProbeRunner:
         self._dense = 0.0
         self._skip = {layer: [0.0, 0.0] for layer in range(parts.num_layers)}  # nll, kl sums
         self._compress = {(m, r): 0.0 for m in self.methods for r in self.keep_ratios}
+        # per calibration sample: supervised tokens, dense NLL sum, NLL sum per (method, ratio)
+        self._row_tokens: list[int] = []
+        self._row_dense: list[float] = []
+        self._row_compress: dict[tuple[str, float], list[float]] = {key: [] for key in self._compress}
         self._failed: set[str] = set()
 
     def _forward(self, batch: dict):
@@ -108,9 +138,13 @@ class ProbeRunner:
                 probe_lp, _ = supervised_logprobs(logits, labels)
                 self._skip[layer][0] += nll_sum(probe_lp, targets)
                 self._skip[layer][1] += kl_sum(dense_lp, probe_lp)
+        dense_rows, row_tokens = row_nll(dense_logits, labels)
+        self._row_tokens += row_tokens.tolist()
+        self._row_dense += dense_rows.tolist()
         if "pixel_values" not in batch:
             for key in self._compress:  # nothing to compress: the loss is the dense loss
                 self._compress[key] += nll_sum(dense_lp, targets)
+                self._row_compress[key] += dense_rows.tolist()
             return
         for method in self.methods:
             if method in self._failed:
@@ -119,16 +153,20 @@ class ProbeRunner:
                 generator = torch.Generator().manual_seed(self.seed * 1_000_003 + batch_index * 1009 + r_index)
                 self.compressor.set(method, ratio, generator=generator)
                 try:
-                    loss = self._forward(batch).loss
+                    out = self._forward(batch)
                 except ScheduleError as exc:  # text_guided on samples without instruction text
                     self._failed.add(method)
                     self.notes.append(f"token probe {method!r} left out: {exc}")
                     break
                 finally:
                     self.compressor.set(None, 1.0)
-                # the HF loss is the mean over the same supervised tokens (only image
-                # placeholders, all unsupervised, are dropped by compression)
-                self._compress[(method, ratio)] += float(loss.float()) * n
+                # the same supervised tokens per row: compression drops only image placeholders,
+                # which are all unsupervised
+                rows, counts = row_nll(out.logits, out.llm_labels)
+                if not torch.equal(counts, row_tokens):
+                    raise RuntimeError(f"token probe {method!r} changed the supervised tokens per row")
+                self._compress[(method, ratio)] += float(rows.sum())
+                self._row_compress[(method, ratio)] += rows.tolist()
 
     def layer_rows(self) -> list[dict]:
         """Rows ``{layer, token_type="all", metric, value}`` of skip_loss_delta and skip_kl."""
@@ -143,8 +181,8 @@ class ProbeRunner:
         return rows
 
     def token_rows(self) -> list[dict]:
-        """Rows ``{layer=-1, metric, method, keep_ratio, threshold, value}``: dense_loss and
-        compress_loss_delta per method and keep ratio."""
+        """Rows ``{layer=-1, metric, method, keep_ratio, threshold, value}``: dense_loss, and
+        compress_loss_delta with its compress_loss_delta_se per method and keep ratio."""
         nan = math.nan
         if self._tokens == 0:
             return []
@@ -156,6 +194,9 @@ class ProbeRunner:
                 continue
             rows.append({"layer": -1, "metric": "compress_loss_delta", "method": method,
                          "keep_ratio": ratio, "threshold": nan, "value": total / self._tokens - dense})
+            increase = [c - d for c, d in zip(self._row_compress[(method, ratio)], self._row_dense)]
+            rows.append({"layer": -1, "metric": "compress_loss_delta_se", "method": method,
+                         "keep_ratio": ratio, "threshold": nan, "value": ratio_se(increase, self._row_tokens)})
         return rows
 
     def remove(self) -> None:

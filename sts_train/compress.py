@@ -260,7 +260,8 @@ def compressed_forward(
             :class:`TokenCompressor` passes the model's own unpatched forward.
 
     Returns:
-        The model output, with ``.kept_visual_tokens`` and ``.seq_len`` attributes added.
+        The model output, with ``.kept_visual_tokens``, ``.seq_len`` and ``.llm_labels`` (the
+        labels of the sequence the LLM ran, aligned with ``.logits``) attributes added.
     """
     run = model if run is None else run
     pixel_values = batch.get("pixel_values")
@@ -269,6 +270,7 @@ def compressed_forward(
         out.kept_visual_tokens = 0 if pixel_values is None else pixel_values.shape[0] * parts.num_visual_tokens
         ids = batch.get("input_ids")
         out.seq_len = 0 if ids is None else ids.shape[1]
+        out.llm_labels = batch.get("labels")
         return out
     rest = {k: v for k, v in batch.items()
             if k not in ("pixel_values", "input_ids", "labels", "attention_mask", "position_ids")}
@@ -306,6 +308,7 @@ def compressed_forward(
     )
     out.kept_visual_tokens = sum(c.shape[0] for c, _ in compressed)
     out.seq_len = input_ids.shape[1]
+    out.llm_labels = labels
     return out
 
 

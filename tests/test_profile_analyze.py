@@ -19,7 +19,7 @@ from sts_profile.cli import app
 
 NUM_LAYERS = 2
 STEPS = (1, 2, 3)
-TOKEN_METRICS_PER_CKPT = NUM_LAYERS * 3 + 1 + 3 + 1 + 4 * 3  # attention, neighbour, mergeable, dense, probes
+TOKEN_METRICS_PER_CKPT = NUM_LAYERS * 3 + 1 + 3 + 1 + 4 * 3 * 2  # attention, neighbour, mergeable, dense, probes (delta, se)
 
 cli_runner = CliRunner()
 _DATA: dict = {}  # the calibration JSON, set once by the autouse fixture below

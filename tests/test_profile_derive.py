@@ -196,6 +196,34 @@ def test_noisy_probe_cannot_make_a_harsher_ratio_look_cheaper():
     assert tok.method == "merge" and 0.5 < tok.keep_ratio < 0.8
 
 
+def _with_se(tokens, se):
+    """The tables plus compress_loss_delta_se = ``se`` for every token probe."""
+    rows = tokens[tokens["metric"] == "compress_loss_delta"].assign(metric="compress_loss_delta_se", value=se)
+    return pd.concat([tokens, rows], ignore_index=True)
+
+
+def test_probe_noise_ties_go_to_uniform_pooling():
+    """At 2x, merge has the lowest predicted loss in both stages; uniform pooling is 0.0055
+    (alignment) and 0.0165 (instruction) above it. A standard error of 0.005 per probe makes
+    the tie margin 2 * sqrt(2) * 0.005 = 0.0141: alignment ties and goes to pooling,
+    instruction does not. A ten times smaller error (or none) keeps merge in both."""
+    layers, tokens = synthetic_tables()
+    noisy = derive(Budget(target_speedup=2.0), layers, _with_se(tokens, 0.005))
+    align, instr = (noisy.source["derivation"][n]["choice"] for n in ("alignment", "instruction"))
+    assert noisy.stage_named("alignment").tokens.method == "uniform"
+    assert align["lowest_loss_option"]["method"] == "merge"
+    assert align["predicted_loss_increase"] - align["lowest_loss_option"]["predicted_loss_increase"] \
+        == pytest.approx(0.0055)
+    assert align["token_loss_se"] == 0.005 and align["ties"] == 4
+    assert noisy.stage_named("instruction").tokens.method == "merge"
+    assert instr["predicted_loss_increase"] == pytest.approx(0.0825)
+    for tables in (_with_se(tokens, 0.0005), tokens):
+        sched = derive(Budget(target_speedup=2.0), layers, tables)
+        assert [s.tokens.method for s in sched.stages] == ["merge", "merge"]
+    for stage in ("alignment", "instruction"):
+        assert speedup(noisy, stage) == pytest.approx(2.0, rel=0.01)
+
+
 def test_predicted_speedup_matches_hand_formula():
     def cost(seq, skipped=0.0):
         return (NUM_LAYERS - skipped) * layer_flops_fwd(seq, DIMS)["total"] + lm_head_flops_fwd(seq, DIMS)

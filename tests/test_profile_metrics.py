@@ -229,6 +229,54 @@ def test_compress_probe_at_keep_one_equals_dense_loss(model, parts, batch, test_
     assert runner.layer_rows() == []
 
 
+def test_ratio_se_is_the_standard_error_of_the_mean_for_equal_counts():
+    import statistics
+
+    from sts_profile.probes import ratio_se
+
+    increase = [0.3, -0.1, 0.5, 0.2]
+    assert ratio_se(increase, [1, 1, 1, 1]) == pytest.approx(statistics.stdev(increase) / 2)
+    # samples without supervised tokens do not count; one sample has no spread to measure
+    assert ratio_se(increase + [0.0], [1, 1, 1, 1, 0]) == pytest.approx(statistics.stdev(increase) / 2)
+    assert math.isnan(ratio_se([0.3], [5]))
+
+
+def test_compress_probe_se_equals_per_sample_computation(model, parts, items, collate, batch, test_processor):
+    """Delta and standard error from one mixed batch equal those from each sample on its own."""
+    import numpy as np
+
+    from sts_profile.probes import ProbeRunner
+    from sts_train.compress import compressed_forward
+
+    pad = test_processor.tokenizer.pad_token_id
+    methods, ratio = ("uniform", "merge"), 0.25
+    with torch.no_grad():
+        dense = model(**batch)
+    runner = ProbeRunner(model, parts, pad, skip_layers=False, methods=methods, keep_ratios=(ratio,))
+    try:
+        runner.run_batch(batch, dense.logits, 0)
+    finally:
+        runner.remove()
+    rows = runner.token_rows()
+    for method in methods:
+        increase, counts = [], []
+        for item in items:
+            one = collate([item])
+            n = int((one["labels"][:, 1:] != -100).sum())
+            with torch.no_grad():
+                base = float(model(**one).loss) * n
+                probe = float(compressed_forward(model, one, method=method, keep_ratio=ratio, parts=parts,
+                                                 pad_token_id=pad).loss) * n
+            increase.append(probe - base)
+            counts.append(n)
+        d, n = np.array(increase), np.array(counts, float)
+        delta = d.sum() / n.sum()
+        se = math.sqrt(len(d) / (len(d) - 1) * ((d - delta * n) ** 2).sum()) / n.sum()
+        assert _value(rows, metric="compress_loss_delta", method=method, keep_ratio=ratio) == pytest.approx(delta, rel=1e-3)
+        assert _value(rows, metric="compress_loss_delta_se", method=method, keep_ratio=ratio) == pytest.approx(se, rel=1e-3)
+        assert 0 < se < abs(delta) + 1.0
+
+
 def test_cost_flops_are_analytic_and_times_positive(model, parts, batch):
     from torch.utils.flop_counter import FlopCounterMode
 
