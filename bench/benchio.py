@@ -1,10 +1,31 @@
-"""Command-line options the bench scripts share: ``--json``, ``--overwrite``, ``--work``, ``--extend``."""
+"""What the bench scripts share: the options ``--json``, ``--overwrite``, ``--work``,
+``--extend``, and the statistics over seeds (mean, standard error, one-sided 95% bound)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
+
+# One-sided 95% quantiles of Student's t by degrees of freedom; past 30 the normal 1.645.
+_T95 = {1: 6.314, 2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 6: 1.943, 7: 1.895, 8: 1.860, 9: 1.833,
+        10: 1.812, 12: 1.782, 15: 1.753, 20: 1.725, 30: 1.697}
+
+
+def t95_one_sided(df: int) -> float:
+    """t quantile for a one-sided 95% bound (the tabled df at or below ``df``: conservative)."""
+    if df < 1:
+        return float("nan")
+    return 1.645 if df > 30 else _T95[max(k for k in _T95 if k <= df)]
+
+
+def over_seeds(values: list[float]) -> dict:
+    """Mean, standard error over seeds and the one-sided 95% upper bound of the mean
+    (mean + t s.e., Student t with seeds - 1 degrees of freedom; NaN for one seed)."""
+    mean = statistics.mean(values)
+    se = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else float("nan")
+    return {"mean": mean, "stderr_over_seeds": se, "upper_95": mean + t95_one_sided(len(values) - 1) * se}
 
 
 def add_output_options(ap: argparse.ArgumentParser, work_help: str | None = None) -> None:

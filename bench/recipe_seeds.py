@@ -39,7 +39,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchio import add_extend_option, add_output_options, check_output_options, load_earlier, merge_earlier
+from benchio import (
+    add_extend_option, add_output_options, check_output_options, load_earlier, merge_earlier, t95_one_sided,
+)
 from sts_train.configtools import atomic_write_text
 
 TARGET_SPEEDUP_E2E, TARGET_ACC_POINTS = 1.67, 1.0
@@ -65,18 +67,6 @@ def run_seed(seed: int, work: Path, size: str) -> dict:
         "stages": result["stages"],
         "phases_s": result["phases_s"], "loadavg_1m_at_start": load,
     }
-
-
-# One-sided 95% quantiles of Student's t by degrees of freedom; past 30 the normal 1.645.
-_T95 = {1: 6.314, 2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 6: 1.943, 7: 1.895, 8: 1.860, 9: 1.833,
-        10: 1.812, 12: 1.782, 15: 1.753, 20: 1.725, 30: 1.697}
-
-
-def t95_one_sided(df: int) -> float:
-    """t quantile for a one-sided 95% bound (the tabled df at or below ``df``: conservative)."""
-    if df < 1:
-        return float("nan")
-    return 1.645 if df > 30 else _T95[max(k for k in _T95 if k <= df)]
 
 
 def summarize(per_seed: dict[int, dict]) -> tuple[dict, dict, str]:

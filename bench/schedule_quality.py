@@ -46,7 +46,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from benchio import add_extend_option, add_output_options, check_output_options, load_earlier, merge_earlier
+from benchio import (
+    add_extend_option, add_output_options, check_output_options, load_earlier, merge_earlier, over_seeds,
+)
 from sts_train.configtools import atomic_write_text
 
 ARMS = ("dense", "paper", "uniform", "profile")
@@ -239,6 +241,14 @@ def summarize(per_seed: dict[int, dict]) -> tuple[dict, dict, str]:
         "measured_flops_profile_vs_paper": prof["flops_vs_dense"] / paper["flops_vs_dense"],
     }
     verdict["profile_ge_paper_met"] = verdict["profile_accuracy_ge_paper"] and verdict["profile_qa_loss_le_paper"]
+    # Over seeds (each seed's arms share data, initial weights and machine: paired per seed).
+    drops = over_seeds([-100 * r["profile"]["accuracy_vs_dense"] for r in per_seed.values()])
+    verdict["accuracy_drop_points_over_seeds"] = drops
+    verdict["accuracy_within_target_at_95"] = drops["upper_95"] <= TARGET_ACC_POINTS
+    verdict["profile_minus_paper_accuracy_points"] = over_seeds(
+        [100 * (r["profile"]["answer_accuracy"] - r["paper"]["answer_accuracy"]) for r in per_seed.values()])
+    verdict["profile_minus_paper_qa_loss"] = over_seeds(
+        [r["profile"]["eval_loss_qa"] - r["paper"]["eval_loss_qa"] for r in per_seed.values()])
     rows = ["| arm | FLOPs vs dense (predicted) | wall time vs dense (median steps) | QA loss | answer accuracy"
             " | caption loss |",
             "|---|---|---|---|---|---|"]
@@ -247,6 +257,15 @@ def summarize(per_seed: dict[int, dict]) -> tuple[dict, dict, str]:
         rows.append(f"| {arm} | {m['flops_vs_dense']:.3f} ({m['predicted_flops_vs_dense']:.3f}) | "
                     f"{m['wall_vs_dense']:.3f} ({m['median_step_wall_vs_dense']:.3f}) | {m['eval_loss_qa']:.3f} | "
                     f"{m['answer_accuracy']:.3f} | {m['eval_loss_captions']:.3f} |")
+    rows += ["", "| seed | profile tokens (alignment; instruction) | profile - dense, points (s.e.) "
+             "| profile - paper, points | profile - paper, QA loss |", "|---|---|---|---|---|"]
+    for seed, r in per_seed.items():
+        tokens = "; ".join(f"{(s.get('tokens') or {}).get('method', 'dense')} {(s.get('tokens') or {}).get('keep_ratio', 1.0):.3g}"
+                           + (" + layers" if s.get("layers") else "") for s in r["profile"]["schedule"])
+        rows.append(f"| {seed} | {tokens} | {100 * r['profile']['accuracy_vs_dense']:+.1f} "
+                    f"({100 * r['profile']['accuracy_vs_dense_stderr']:.1f}) | "
+                    f"{100 * (r['profile']['answer_accuracy'] - r['paper']['answer_accuracy']):+.1f} | "
+                    f"{r['profile']['eval_loss_qa'] - r['paper']['eval_loss_qa']:+.3f} |")
     return means, verdict, "\n".join(rows)
 
 
