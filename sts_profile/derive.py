@@ -37,11 +37,13 @@ Rules per stage of the tables (plain, documented choices):
   the rest of the tolerance spent on layers, the highest predicted speedup (no layers: the
   cheapest option within tolerance). ``target_speedup``: of the options reaching the target (a
   measured token option plus just enough layer skipping, or a keep ratio between measured ones,
-  its loss bounded by the next smaller measured ratio), the smallest predicted loss, recorded
-  as the derived tolerance. Unknown layer loss ranks worse than any known loss.
+  its loss bounded by the next smaller measured ratio), the smallest predicted loss (but see
+  probe noise); the chosen option's predicted loss is recorded as the derived tolerance.
+  Unknown layer loss ranks worse than any known loss.
 * **Probe noise** (``target_speedup``): options whose predicted loss lies within 2 standard
-  errors of the lowest (``compress_loss_delta_se``, combined as ``sqrt(se_a^2 + se_b^2)``) are
-  a tie the probes cannot break; it goes to uniform pooling, then merge, then the rest by
+  errors of the lowest (``compress_loss_delta_se``, combined as ``sqrt(se_a^2 + se_b^2)``:
+  conservative, as the probes share their samples; layer probes add no noise term) are a tie
+  the probes cannot break; it goes to uniform pooling, then merge, then the rest by
   predicted loss. Pooling and merging keep every patch's content; the probes score the
   one-shot loss of a model not trained with compression, not how training adapts to each
   method. Tables without the standard error break ties only on equal losses.

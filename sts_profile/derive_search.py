@@ -255,7 +255,8 @@ def _token_options(df: pd.DataFrame) -> list[dict]:
     noise makes the search overshoot the budget (the demo picked keep 0.25, 3.0x, at target 2x).
 
     ``loss_delta_se`` is the largest ``compress_loss_delta_se`` (the probe's standard error over
-    calibration samples) over the same checkpoints and ratios; 0 where the tables lack it.
+    calibration samples) over the same checkpoints, at this or any milder keep ratio of the
+    method; 0 where the tables lack it or it is NaN (fewer than two samples): no known noise.
     """
     def per_option(metric: str) -> pd.Series:
         m = df[(df["metric"] == metric) & df["method"].isin(["uniform", "random", "text_guided", "merge"])
@@ -354,6 +355,10 @@ def _prefer_within_noise(met: list[dict]) -> dict:
     The lowest predicted loss (unknown layer loss ranks worse than any known loss), unless
     others lie within ``TIE_Z`` token-probe standard errors of it: then the most preferred
     method among those ties (``METHOD_RANK``), by predicted loss. ``ties`` records how many tied.
+
+    The margin counts the token probes' noise only (layer probes record no standard error),
+    and ``sqrt(se_a^2 + se_b^2)`` treats the two probes as independent; they share the
+    calibration samples, so their errors correlate and the margin is conservative (wider).
     """
     known = min(c["unknown_layer_loss"] for c in met)
     pool = [c for c in met if c["unknown_layer_loss"] == known]

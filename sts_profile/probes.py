@@ -63,7 +63,7 @@ def row_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, t
     log_probs = F.log_softmax(logits[:, :-1][keep].float(), dim=-1)
     nll = -log_probs.gather(-1, shift_labels[keep][:, None])[:, 0]
     rows = keep.nonzero()[:, 0]
-    return torch.zeros(labels.shape[0]).index_add_(0, rows, nll), keep.sum(1)
+    return nll.new_zeros(labels.shape[0]).index_add_(0, rows, nll), keep.sum(1)
 
 
 def ratio_se(increase: list[float], counts: list[int]) -> float:

@@ -180,11 +180,17 @@ def _to_device(batch: dict, device: str, dtype) -> dict:
     return out
 
 
+# What a cached checkpoint result holds; bump it when the measurements change (2: the token
+# probes' compress_loss_delta_se), so a rerun into an old output folder measures again.
+RESULTS_FORMAT = 2
+
+
 def cache_key(plan: Plan, ckpt: Checkpoint, with_cost: bool) -> str:
-    """Hash of what a checkpoint's result depends on: its files, the settings, the samples."""
+    """Hash of what a checkpoint's result depends on: its files, the settings, the samples and
+    the format of the measurements."""
     files = sorted(p for p in ckpt.path.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin", ".json"))
     stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    payload = {"version": __version__, "path": str(ckpt.path.resolve()), "files": stats,
+    payload = {"version": __version__, "format": RESULTS_FORMAT, "path": str(ckpt.path.resolve()), "files": stats,
                "settings": plan.config.measurement_key(), "samples": plan.sample_ids,
                "cost": with_cost, "name": ckpt.name, "step": ckpt.step, "stage": ckpt.stage}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()

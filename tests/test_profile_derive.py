@@ -197,8 +197,9 @@ def test_noisy_probe_cannot_make_a_harsher_ratio_look_cheaper():
 
 
 def _with_se(tokens, se):
-    """The tables plus compress_loss_delta_se = ``se`` for every token probe."""
-    rows = tokens[tokens["metric"] == "compress_loss_delta"].assign(metric="compress_loss_delta_se", value=se)
+    """The tables plus compress_loss_delta_se: ``se`` for every probe, or ``se(method, ratio)``."""
+    rows = tokens[tokens["metric"] == "compress_loss_delta"].assign(metric="compress_loss_delta_se")
+    rows["value"] = [se(m, r) if callable(se) else se for m, r in zip(rows["method"], rows["keep_ratio"])]
     return pd.concat([tokens, rows], ignore_index=True)
 
 
@@ -222,6 +223,21 @@ def test_probe_noise_ties_go_to_uniform_pooling():
         assert [s.tokens.method for s in sched.stages] == ["merge", "merge"]
     for stage in ("alignment", "instruction"):
         assert speedup(noisy, stage) == pytest.approx(2.0, rel=0.01)
+
+
+@pytest.mark.parametrize("uniform_se, method", [(0.0045, "uniform"), (0.0025, "merge")])
+def test_tie_margin_uses_each_options_own_se_at_its_milder_ratios(uniform_se, method):
+    """Alignment at 2x keeps ~0.41 of the tokens, bounded by the probes at keep 0.25; merge is
+    the lowest (0.0275, s.e. 0) and pooling 0.0055 above it. Pooling's s.e. is measured only at
+    keep 0.5; its envelope carries it down to 0.25, so the margin is 2 * uniform_se: 0.009
+    ties, 0.005 does not."""
+    layers, tokens = synthetic_tables()
+    tables = _with_se(tokens, lambda m, r: uniform_se if (m, r) == ("uniform", 0.5) else 0.0)
+    sched = derive(Budget(target_speedup=2.0), layers, tables)
+    choice = sched.source["derivation"]["alignment"]["choice"]
+    assert sched.stage_named("alignment").tokens.method == method
+    assert choice["token_loss_se"] == (uniform_se if method == "uniform" else 0.0)
+    assert choice["bound_from_keep_ratio"] == 0.25
 
 
 def test_predicted_speedup_matches_hand_formula():
