@@ -354,7 +354,10 @@ def _prefer_within_noise(met: list[dict]) -> dict:
 
     The lowest predicted loss (unknown layer loss ranks worse than any known loss), unless
     others lie within ``TIE_Z`` token-probe standard errors of it: then the most preferred
-    method among those ties (``METHOD_RANK``), by predicted loss. ``ties`` records how many tied.
+    method among those ties (``METHOD_RANK``), and of that method's candidates the lowest
+    predicted loss, then the smallest speedup. (A harsher ratio may tie only because its probe
+    is noisier; the method's milder candidates are then at least as good, and keep to the
+    budget.) ``ties`` records how many candidates tied.
 
     The margin counts the token probes' noise only (layer probes record no standard error),
     and ``sqrt(se_a^2 + se_b^2)`` treats the two probes as independent; they share the
@@ -363,17 +366,19 @@ def _prefer_within_noise(met: list[dict]) -> dict:
     known = min(c["unknown_layer_loss"] for c in met)
     pool = [c for c in met if c["unknown_layer_loss"] == known]
     lowest = min(pool, key=lambda c: (c["predicted_loss_increase"], c["predicted_speedup"]))
-
-    def se(c: dict) -> float:
-        return 0.0 if math.isnan(c["token_loss_se"]) else c["token_loss_se"]
-
     ties = [c for c in pool if c["predicted_loss_increase"] - lowest["predicted_loss_increase"]
-            <= TIE_Z * math.hypot(se(c), se(lowest))]
-    best = min(ties, key=lambda c: (METHOD_RANK.get(c["tokens"].method if c["tokens"] else None, len(METHOD_RANK)),
-                                    c["predicted_loss_increase"], c["predicted_speedup"]))
+            <= TIE_Z * math.hypot(c["token_loss_se"], lowest["token_loss_se"])]
+    def method(c: dict) -> str | None:
+        return c["tokens"].method if c["tokens"] else None
+
+    chosen = min((method(c) for c in ties), key=lambda m: (METHOD_RANK.get(m, len(METHOD_RANK)),
+                                                           min(c["predicted_loss_increase"] for c in ties
+                                                               if method(c) == m)))
+    best = min((c for c in pool if method(c) == chosen),
+               key=lambda c: (c["predicted_loss_increase"], c["predicted_speedup"]))
     best["ties"] = len(ties)
-    best["lowest_loss_option"] = {"method": lowest["tokens"].method if lowest["tokens"] else None,
-                                  "kind": lowest["kind"], "predicted_loss_increase": lowest["predicted_loss_increase"]}
+    best["lowest_loss_option"] = {"method": method(lowest), "kind": lowest["kind"],
+                                  "predicted_loss_increase": lowest["predicted_loss_increase"]}
     return best
 
 

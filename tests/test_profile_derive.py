@@ -240,6 +240,22 @@ def test_tie_margin_uses_each_options_own_se_at_its_milder_ratios(uniform_se, me
     assert choice["bound_from_keep_ratio"] == 0.25
 
 
+def test_a_noisier_harsher_ratio_cannot_pull_the_choice_past_the_budget():
+    """Pooling measures 0.021 at keep 0.25 and 0.022 at 0.5 (the envelope makes both 0.0242);
+    random is far lower. Only the harsher ratio's larger s.e. (0.013 vs 0.009) puts pooling
+    within the margin. Pooling wins the tie, but at its mildest ratio that reaches 1.9x (keep
+    0.5, 2.08x), not at the tied keep 0.25 (3.8x)."""
+    deltas = {"random": (0.001, 0.002, 0.1), "uniform": (0.022, 0.021, 0.09),
+              "merge": (0.3, 0.4, 0.5), "text_guided": (0.3, 0.4, 0.5)}
+    se = {("uniform", 0.5): 0.009, ("uniform", 0.25): 0.013}
+    layers, tokens = synthetic_tables(token_delta=deltas, mergeable=(0.5,))
+    sched = derive(Budget(target_speedup=1.9), layers, _with_se(tokens, lambda m, r: se.get((m, r), 0.0015)))
+    choice = sched.source["derivation"]["alignment"]["choice"]
+    assert sched.stage_named("alignment").tokens == TokenSparsity("uniform", 0.5, 0.5, "constant")
+    assert speedup(sched, "alignment") == pytest.approx(2.076, abs=0.001)
+    assert choice["lowest_loss_option"]["method"] == "random" and choice["token_loss_se"] == 0.009
+
+
 def test_predicted_speedup_matches_hand_formula():
     def cost(seq, skipped=0.0):
         return (NUM_LAYERS - skipped) * layer_flops_fwd(seq, DIMS)["total"] + lm_head_flops_fwd(seq, DIMS)
