@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import html
+import math
 import os
 from pathlib import Path
 from typing import Any, Iterable
@@ -56,11 +57,13 @@ def key_numbers(layers: pd.DataFrame | None, tokens: pd.DataFrame | None, top: i
 
     Redundancy ranks layers by ``skip_loss_delta`` (fallback ``block_influence``, token type
     ``all`` if measured), averaged over the stage's checkpoints: smallest = most redundant.
-    The best token method per keep ratio has the smallest mean ``compress_loss_delta``.
+    The best token method per keep ratio has the smallest mean ``compress_loss_delta``; where
+    the tables hold ``compress_loss_delta_se``, its mean over checkpoints is given beside it.
 
     Returns:
         ``{stage: {"metric", "most_redundant": [(layer, value)], "least_redundant": [...],
-        "best_token_method": {keep_ratio: (method, value)}}}``.
+        "best_token_method": {keep_ratio: (method, value)}, "best_token_method_se":
+        {keep_ratio: se} (only with standard errors in the tables)}}``.
     """
     out: dict[str, dict] = {}
     for stage in _stage_steps(layers, tokens):
@@ -82,6 +85,11 @@ def key_numbers(layers: pd.DataFrame | None, tokens: pd.DataFrame | None, top: i
                 mean = m.groupby(["keep_ratio", "method"])["value"].mean()
                 entry["best_token_method"] = {
                     float(r): (str(g.idxmin()[1]), float(g.min())) for r, g in mean.groupby(level=0)}
+                se = tokens[(tokens["stage"] == stage) & (tokens["metric"] == "compress_loss_delta_se")]
+                se = se.groupby(["keep_ratio", "method"])["value"].mean()
+                best_se = {r: float(se.get((r, m), math.nan)) for r, (m, _) in entry["best_token_method"].items()}
+                if not se.empty:
+                    entry["best_token_method_se"] = best_se
         out[stage] = entry
     return out
 
@@ -124,13 +132,16 @@ def _key_numbers_html(numbers: dict[str, dict], schedule: Schedule | None) -> st
     for stage, entry in numbers.items():
         def layers_of(key):
             return ", ".join(f"{l} ({v:.3g})" for l, v in entry.get(key, [])) or "-"
-        best = entry.get("best_token_method", {})
+        best, best_se = entry.get("best_token_method", {}), entry.get("best_token_method_se", {})
+
+        def noise(r):
+            return f" \u00b1 {best_se[r]:.2g}" if math.isfinite(best_se.get(r, math.nan)) else ""
         rows.append({
             "stage": stage, "layer metric": entry.get("metric", "-"),
             "most redundant layers": layers_of("most_redundant"),
             "least redundant layers": layers_of("least_redundant"),
             "best token method per keep ratio": "; ".join(
-                f"{r:g}: {m} ({v:+.3g})" for r, (m, v) in sorted(best.items(), reverse=True)) or "-",
+                f"{r:g}: {m} ({v:+.3g}{noise(r)})" for r, (m, v) in sorted(best.items(), reverse=True)) or "-",
             "predicted speedup": speedups.get(stage, "-"),
         })
     return _table(rows)

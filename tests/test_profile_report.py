@@ -18,7 +18,7 @@ from sts_profile.derive import Budget, derive_schedule
 from sts_profile.plots import caption, write_plots
 from sts_profile.report import frozen_stages, key_numbers, write_report
 from sts_train.flops import LayerDims, layer_flops_fwd
-from test_profile_derive import NUM_LAYERS, NUM_VISUAL, synthetic_tables
+from test_profile_derive import NUM_LAYERS, NUM_VISUAL, _with_se, synthetic_tables
 
 DIMS = LayerDims(256, 688, 4, 4, 64, 1000)
 FROZEN_NOTE = "LLM frozen in stage alignment: layer statistics cannot change across its checkpoints"
@@ -114,6 +114,18 @@ def test_key_numbers_and_frozen_detection():
     best = nums["alignment"]["best_token_method"]
     assert best[0.5][0] == "merge" and best[0.25][0] == "merge" and best[0.125][0] == "uniform"
     assert best[0.5][1] == pytest.approx(0.008)
+
+
+def test_key_numbers_give_the_best_methods_standard_error(tmp_path):
+    layers, tokens = synthetic_tables()
+    assert "best_token_method_se" not in key_numbers(layers, tokens)["alignment"]
+    tokens = _with_se(tokens, lambda m, r: 0.002 if m == "merge" else 0.05)
+    nums = key_numbers(layers, tokens)["alignment"]
+    assert nums["best_token_method_se"] == pytest.approx({0.5: 0.002, 0.25: 0.002, 0.125: 0.05})  # merge, merge, uniform
+    page = write_report(tmp_path, layers=layers, tokens=tokens, cost=None, schedule=None, plots={},
+                        notes=[], checkpoints=[])
+    assert "0.5: merge (+0.008 \u00b1 0.002); 0.25: merge (+0.025 \u00b1 0.002); 0.125: uniform (+0.08 \u00b1 0.05)" \
+        in page.read_text()
 
 
 def test_report_without_schedule_or_plots(tmp_path):
