@@ -49,6 +49,9 @@ def add_extend_option(ap: argparse.ArgumentParser) -> None:
     """``--extend``: add seeds to an earlier ``--json`` result of the same settings."""
     ap.add_argument("--extend", type=Path, default=None,
                     help="an earlier --json result of the same settings to add seeds to (only new seeds run)")
+    ap.add_argument("--replace", action="store_true",
+                    help="with --extend: seeds it already holds are run again and their results replaced"
+                         " (after a fix; the result's config lists them)")
 
 
 def load_earlier(ap: argparse.ArgumentParser, args: argparse.Namespace, settings: dict,
@@ -58,9 +61,11 @@ def load_earlier(ap: argparse.ArgumentParser, args: argparse.Namespace, settings
     ``settings`` are the ``config`` entries the earlier run must share with this one (a missing
     entry in the earlier file counts as None, a preset); ``seed_keys`` are entries every per-seed
     result of this script has (another script's result lacks them); a seed it already holds is
-    refused.
+    refused unless ``--replace`` is given.
     """
     if args.extend is None:
+        if args.replace:
+            ap.error("--replace needs --extend (the earlier result whose seeds to run again)")
         return None
     path = args.extend
     try:
@@ -79,8 +84,8 @@ def load_earlier(ap: argparse.ArgumentParser, args: argparse.Namespace, settings
     if differ:
         ap.error(f"--extend {path} was run with {differ}; pass the same settings or another file")
     again = sorted(set(args.seeds) & set(earlier["per_seed"]))
-    if again:
-        ap.error(f"--extend {path} already holds seed(s) {again}; drop them from --seeds")
+    if again and not args.replace:
+        ap.error(f"--extend {path} already holds seed(s) {again}; drop them from --seeds, or pass --replace")
     return earlier
 
 
@@ -90,4 +95,5 @@ def merge_earlier(earlier: dict | None, path: Path | None, per_seed: dict, confi
         return per_seed, config
     merged = dict(sorted({**earlier["per_seed"], **per_seed}.items()))
     return merged, {**config, "seeds": list(merged), "seeds_run_now": config["seeds"],
+                    "replaced_seeds": sorted(set(per_seed) & set(earlier["per_seed"])),
                     "extended_from": {"file": str(path), "config": earlier["config"]}}
