@@ -66,6 +66,20 @@ def _collect(model, parts, batches, **kw):
     return collector
 
 
+def _probed(model, parts, batch, pad, **kw):
+    """A ProbeRunner (detached again) that has run every probe on ``batch``."""
+    from sts_profile.probes import ProbeRunner
+
+    with torch.no_grad():
+        dense = model(**batch)
+    runner = ProbeRunner(model, parts, pad, **kw)
+    try:
+        runner.run_batch(batch, dense.logits, 0)
+    finally:
+        runner.remove()
+    return runner
+
+
 def _value(rows, **match):
     hits = [r["value"] for r in rows if all(r[k] == v for k, v in match.items())]
     assert len(hits) == 1, (match, hits)
@@ -211,17 +225,10 @@ def test_skip_probe_equals_model_with_layer_removed(model, parts, batch, test_pr
 
 
 def test_compress_probe_at_keep_one_equals_dense_loss(model, parts, batch, test_processor):
-    from sts_profile.probes import ProbeRunner
     from sts_train.compress import COMPRESSORS
 
-    with torch.no_grad():
-        dense = model(**batch)
-    runner = ProbeRunner(model, parts, test_processor.tokenizer.pad_token_id, skip_layers=False,
-                         keep_ratios=(1.0, 0.25))
-    try:
-        runner.run_batch(batch, dense.logits, 0)
-    finally:
-        runner.remove()
+    runner = _probed(model, parts, batch, test_processor.tokenizer.pad_token_id, skip_layers=False,
+                     keep_ratios=(1.0, 0.25))
     rows = runner.token_rows()
     for method in COMPRESSORS:
         assert _value(rows, metric="compress_loss_delta", method=method, keep_ratio=1.0) == pytest.approx(0.0, abs=1e-5)
@@ -245,19 +252,11 @@ def test_compress_probe_se_equals_per_sample_computation(model, parts, items, co
     """Delta and standard error from one mixed batch equal those from each sample on its own."""
     import numpy as np
 
-    from sts_profile.probes import ProbeRunner
     from sts_train.compress import compressed_forward
 
     pad = test_processor.tokenizer.pad_token_id
     methods, ratio = ("uniform", "merge"), 0.25
-    with torch.no_grad():
-        dense = model(**batch)
-    runner = ProbeRunner(model, parts, pad, skip_layers=False, methods=methods, keep_ratios=(ratio,))
-    try:
-        runner.run_batch(batch, dense.logits, 0)
-    finally:
-        runner.remove()
-    rows = runner.token_rows()
+    rows = _probed(model, parts, batch, pad, skip_layers=False, methods=methods, keep_ratios=(ratio,)).token_rows()
     for method in methods:
         increase, counts = [], []
         for item in items:
