@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 from benchio import (
-    add_extend_option, add_output_options, check_output_options, load_earlier, merge_earlier, t95_one_sided,
+    add_extend_option, add_output_options, check_output_options, load_earlier, merge_earlier, over_seeds,
 )
 from sts_train.configtools import atomic_write_text
 
@@ -73,11 +73,9 @@ def summarize(per_seed: dict[int, dict]) -> tuple[dict, dict, str]:
     """Means over seeds, the targets verdict and the Markdown table."""
     keys = ("speedup", "flops_saved_frac", "accuracy_dense", "accuracy_sparse", "accuracy_prior", "difference")
     means = {k: statistics.mean(r[k] for r in per_seed.values()) for k in keys}
-    diffs = [r["difference"] for r in per_seed.values()]
-    means["difference_stderr_over_seeds"] = (statistics.stdev(diffs) / len(diffs) ** 0.5
-                                             if len(diffs) > 1 else float("nan"))
-    drop, drop_se = -100 * means["difference"], 100 * means["difference_stderr_over_seeds"]
-    upper = drop + t95_one_sided(len(diffs) - 1) * drop_se
+    drops = over_seeds([-100 * r["difference"] for r in per_seed.values()])
+    means["difference_stderr_over_seeds"] = drops["stderr_over_seeds"] / 100
+    drop, upper = drops["mean"], drops["upper_95"]
     verdict = {
         "speedup_met_every_seed": all(r["speedup"] >= TARGET_SPEEDUP_E2E for r in per_seed.values()),
         "mean_accuracy_drop_points": drop,

@@ -259,9 +259,12 @@ def summarize(per_seed: dict[int, dict]) -> tuple[dict, dict, str]:
                     f"{m['answer_accuracy']:.3f} | {m['eval_loss_captions']:.3f} |")
     rows += ["", "| seed | profile tokens (alignment; instruction) | profile - dense, points (s.e.) "
              "| profile - paper, points | profile - paper, QA loss |", "|---|---|---|---|---|"]
+    def stage_text(stage: dict) -> str:
+        tok = stage.get("tokens") or {"method": "dense", "keep_ratio": 1.0}
+        return f"{tok['method']} {tok['keep_ratio']:.3g}" + (" + layers" if stage.get("layers") else "")
+
     for seed, r in per_seed.items():
-        tokens = "; ".join(f"{(s.get('tokens') or {}).get('method', 'dense')} {(s.get('tokens') or {}).get('keep_ratio', 1.0):.3g}"
-                           + (" + layers" if s.get("layers") else "") for s in r["profile"]["schedule"])
+        tokens = "; ".join(stage_text(s) for s in r["profile"]["schedule"])
         rows.append(f"| {seed} | {tokens} | {100 * r['profile']['accuracy_vs_dense']:+.1f} "
                     f"({100 * r['profile']['accuracy_vs_dense_stderr']:.1f}) | "
                     f"{100 * (r['profile']['answer_accuracy'] - r['paper']['answer_accuracy']):+.1f} | "

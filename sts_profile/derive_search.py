@@ -371,9 +371,8 @@ def _prefer_within_noise(met: list[dict]) -> dict:
     def method(c: dict) -> str | None:
         return c["tokens"].method if c["tokens"] else None
 
-    chosen = min((method(c) for c in ties), key=lambda m: (METHOD_RANK.get(m, len(METHOD_RANK)),
-                                                           min(c["predicted_loss_increase"] for c in ties
-                                                               if method(c) == m)))
+    chosen = method(min(ties, key=lambda c: (METHOD_RANK.get(method(c), len(METHOD_RANK)),
+                                             c["predicted_loss_increase"])))
     best = min((c for c in pool if method(c) == chosen),
                key=lambda c: (c["predicted_loss_increase"], c["predicted_speedup"]))
     best["ties"] = len(ties)

@@ -56,14 +56,12 @@ def nll_sum(log_probs: torch.Tensor, targets: torch.Tensor) -> float:
     return float(-log_probs.gather(-1, targets[:, None]).sum())
 
 
-def row_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row: ``(sum of -log p(target) over its supervised positions, their count)``."""
-    shift_labels = labels[:, 1:]
-    keep = shift_labels != IGNORE_INDEX
-    log_probs = F.log_softmax(logits[:, :-1][keep].float(), dim=-1)
-    nll = -log_probs.gather(-1, shift_labels[keep][:, None])[:, 0]
-    rows = keep.nonzero()[:, 0]
-    return nll.new_zeros(labels.shape[0]).index_add_(0, rows, nll), keep.sum(1)
+def rows_nll(log_probs: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``labels``: ``(sum of -log p(target) over its supervised positions, their
+    count)``, from :func:`supervised_logprobs`' output for those labels."""
+    keep = labels[:, 1:] != IGNORE_INDEX
+    nll = -log_probs.gather(-1, targets[:, None])[:, 0]
+    return nll.new_zeros(labels.shape[0]).index_add_(0, keep.nonzero()[:, 0], nll), keep.sum(1)
 
 
 def ratio_se(increase: list[float], counts: list[int]) -> float:
@@ -138,7 +136,7 @@ class ProbeRunner:
                 probe_lp, _ = supervised_logprobs(logits, labels)
                 self._skip[layer][0] += nll_sum(probe_lp, targets)
                 self._skip[layer][1] += kl_sum(dense_lp, probe_lp)
-        dense_rows, row_tokens = row_nll(dense_logits, labels)
+        dense_rows, row_tokens = rows_nll(dense_lp, targets, labels)
         self._row_tokens += row_tokens.tolist()
         self._row_dense += dense_rows.tolist()
         if "pixel_values" not in batch:
@@ -162,7 +160,7 @@ class ProbeRunner:
                     self.compressor.set(None, 1.0)
                 # the same supervised tokens per row: compression drops only image placeholders,
                 # which are all unsupervised
-                rows, counts = row_nll(out.logits, out.llm_labels)
+                rows, counts = rows_nll(*supervised_logprobs(out.logits, out.llm_labels), out.llm_labels)
                 if not torch.equal(counts, row_tokens):
                     raise RuntimeError(f"token probe {method!r} changed the supervised tokens per row")
                 self._compress[(method, ratio)] += float(rows.sum())
