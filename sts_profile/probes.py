@@ -13,11 +13,11 @@ training), with ``p`` the dense and ``p~`` the probed next-token distribution::
     skip_kl[l]          = mean_n  sum_v p(v) (log p(v) - log p~(v))          (KL(dense || skipped))
     compress_loss_delta[method, r] = mean_n -log p~(y_n | visual tokens compressed to r) - dense_loss
 
-``compress_loss_delta_se`` is the standard error of that delta over the calibration samples
-(``m`` of them with supervised tokens): with ``d_i`` the sample's summed NLL increase and ``n_i``
-its supervised tokens, the delta is the ratio ``sum d / sum n`` and its linearised standard error
-is ``sqrt(m / (m - 1) * sum_i (d_i - delta * n_i)^2) / sum n`` (NaN below two samples). The
-derivation reads it to tell token methods apart from probe noise.
+``compress_loss_delta_se`` and ``skip_loss_delta_se`` are the standard errors of those deltas
+over the calibration samples (``m`` of them with supervised tokens): with ``d_i`` the sample's
+summed NLL increase and ``n_i`` its supervised tokens, the delta is the ratio ``sum d / sum n``
+and its linearised standard error is ``sqrt(m / (m - 1) * sum_i (d_i - delta * n_i)^2) / sum n``
+(NaN below two samples). The derivation reads them to tell options apart from probe noise.
 
 Skipping layer ``l`` returns its input unchanged, which is exactly the model with the layer
 removed. ``random`` compression uses a generator seeded from (seed, batch index, keep ratio),
@@ -109,6 +109,7 @@ class ProbeRunner:
         self._tokens = 0
         self._dense = 0.0
         self._skip = {layer: [0.0, 0.0] for layer in range(parts.num_layers)}  # nll, kl sums
+        self._row_skip: dict[int, list[float]] = {layer: [] for layer in self._skip}
         self._compress = {(m, r): 0.0 for m in self.methods for r in self.keep_ratios}
         # per calibration sample: supervised tokens, dense NLL sum, NLL sum per (method, ratio)
         self._row_tokens: list[int] = []
@@ -129,16 +130,18 @@ class ProbeRunner:
             return
         self._tokens += n
         self._dense += nll_sum(dense_lp, targets)
+        dense_rows, row_tokens = rows_nll(dense_lp, targets, labels)
+        self._row_tokens += row_tokens.tolist()
+        self._row_dense += dense_rows.tolist()
         if self.skip_layers:
             for layer in range(self.parts.num_layers):
                 with self.skipper.skipping({layer}, force=True):
                     logits = self._forward(batch).logits
                 probe_lp, _ = supervised_logprobs(logits, labels)
-                self._skip[layer][0] += nll_sum(probe_lp, targets)
+                rows, _ = rows_nll(probe_lp, targets, labels)
+                self._skip[layer][0] += float(rows.sum())
                 self._skip[layer][1] += kl_sum(dense_lp, probe_lp)
-        dense_rows, row_tokens = rows_nll(dense_lp, targets, labels)
-        self._row_tokens += row_tokens.tolist()
-        self._row_dense += dense_rows.tolist()
+                self._row_skip[layer] += rows.tolist()
         if "pixel_values" not in batch:
             for key in self._compress:  # nothing to compress: the loss is the dense loss
                 self._compress[key] += nll_sum(dense_lp, targets)
@@ -166,8 +169,12 @@ class ProbeRunner:
                 self._compress[(method, ratio)] += float(rows.sum())
                 self._row_compress[(method, ratio)] += rows.tolist()
 
+    def _se(self, rows: list[float]) -> float:
+        return ratio_se([r - d for r, d in zip(rows, self._row_dense)], self._row_tokens)
+
     def layer_rows(self) -> list[dict]:
-        """Rows ``{layer, token_type="all", metric, value}`` of skip_loss_delta and skip_kl."""
+        """Rows ``{layer, token_type="all", metric, value}`` of skip_loss_delta (with its
+        skip_loss_delta_se) and skip_kl."""
         if not self.skip_layers or self._tokens == 0:
             return []
         dense = self._dense / self._tokens
@@ -175,6 +182,8 @@ class ProbeRunner:
         for layer, (nll, kl) in self._skip.items():
             rows.append({"layer": layer, "token_type": "all", "metric": "skip_loss_delta",
                          "value": nll / self._tokens - dense})
+            rows.append({"layer": layer, "token_type": "all", "metric": "skip_loss_delta_se",
+                         "value": self._se(self._row_skip[layer])})
             rows.append({"layer": layer, "token_type": "all", "metric": "skip_kl", "value": kl / self._tokens})
         return rows
 
@@ -192,9 +201,8 @@ class ProbeRunner:
                 continue
             rows.append({"layer": -1, "metric": "compress_loss_delta", "method": method,
                          "keep_ratio": ratio, "threshold": nan, "value": total / self._tokens - dense})
-            increase = [c - d for c, d in zip(self._row_compress[(method, ratio)], self._row_dense)]
             rows.append({"layer": -1, "metric": "compress_loss_delta_se", "method": method,
-                         "keep_ratio": ratio, "threshold": nan, "value": ratio_se(increase, self._row_tokens)})
+                         "keep_ratio": ratio, "threshold": nan, "value": self._se(self._row_compress[(method, ratio)])})
         return rows
 
     def remove(self) -> None:

@@ -181,8 +181,9 @@ def _to_device(batch: dict, device: str, dtype) -> dict:
 
 
 # What a cached checkpoint result holds; bump it when the measurements change (2: the token
-# probes' compress_loss_delta_se), so a rerun into an old output folder measures again.
-RESULTS_FORMAT = 2
+# probes' compress_loss_delta_se; 3: the layer probes' skip_loss_delta_se), so a rerun into an
+# old output folder measures again.
+RESULTS_FORMAT = 3
 
 
 def cache_key(plan: Plan, ckpt: Checkpoint, with_cost: bool) -> str:

@@ -100,7 +100,7 @@ def test_analyze_writes_tables_plots_report_and_schedule(analyzed, trainer_run):
     passive = layers[layers["metric"].isin(["block_influence", "angular_distance", "relative_update_norm"])]
     assert len(passive) == len(STEPS) * NUM_LAYERS * 3 * 3
     assert passive.groupby(["checkpoint", "layer", "token_type", "metric"]).size().eq(1).all()
-    assert len(layers) == len(passive) + len(STEPS) * NUM_LAYERS * 2  # skip_loss_delta, skip_kl
+    assert len(layers) == len(passive) + len(STEPS) * NUM_LAYERS * 3  # skip_loss_delta(_se), skip_kl
     assert len(tokens) == len(STEPS) * TOKEN_METRICS_PER_CKPT
     assert sorted(set(layers["step"])) == list(STEPS) and set(layers["stage"]) == {"instruction"}
     assert layers["value"].notna().all() and tokens["value"].notna().all()

@@ -198,7 +198,16 @@ def _removed_layer_model(model, layer):
     return reference
 
 
-def test_skip_probe_equals_model_with_layer_removed(model, parts, batch, test_processor):
+def _per_sample_se(increase: list[float], counts: list[int]) -> float:
+    """Independent: the linearised s.e. of sum(increase) / sum(counts), with numpy."""
+    import numpy as np
+
+    d, n = np.array(increase), np.array(counts, float)
+    delta = d.sum() / n.sum()
+    return math.sqrt(len(d) / (len(d) - 1) * ((d - delta * n) ** 2).sum()) / n.sum()
+
+
+def test_skip_probe_equals_model_with_layer_removed(model, parts, batch, items, collate, test_processor):
     from sts_profile.probes import ProbeRunner, supervised_logprobs
 
     with torch.no_grad():
@@ -212,14 +221,26 @@ def test_skip_probe_equals_model_with_layer_removed(model, parts, batch, test_pr
     assert dense_loss == pytest.approx(float(dense.loss), rel=TOL)
     layer_rows = runner.layer_rows()
     for layer in range(parts.num_layers):
+        reference = _removed_layer_model(model, layer)
         with torch.no_grad():
-            removed = _removed_layer_model(model, layer)(**batch, use_cache=False)
+            removed = reference(**batch, use_cache=False)
         delta = _value(layer_rows, layer=layer, metric="skip_loss_delta")
         assert dense_loss + delta == pytest.approx(float(removed.loss), rel=TOL)
         p_log, _ = supervised_logprobs(dense.logits, batch["labels"])
         q_log, _ = supervised_logprobs(removed.logits, batch["labels"])
         kl = F.kl_div(q_log, p_log, log_target=True, reduction="batchmean")  # KL(p || q)
         assert _value(layer_rows, layer=layer, metric="skip_kl") == pytest.approx(float(kl), rel=1e-4)
+        # the standard error from each sample on its own through the removed-layer model
+        increase, counts = [], []
+        for item in items:
+            one = collate([item])
+            n = int((one["labels"][:, 1:] != -100).sum())
+            with torch.no_grad():
+                increase.append((float(reference(**one, use_cache=False).loss) - float(model(**one).loss)) * n)
+            counts.append(n)
+        se = _per_sample_se(increase, counts)
+        assert _value(layer_rows, layer=layer, metric="skip_loss_delta_se") == pytest.approx(se, rel=1e-3, abs=1e-6)
+        assert se > 0
     # the skipper and compressor are gone: the model runs dense again
     assert "forward" not in vars(model) and all("forward" not in vars(l) for l in parts.decoder_layers)
 
@@ -250,8 +271,6 @@ def test_ratio_se_is_the_standard_error_of_the_mean_for_equal_counts():
 
 def test_compress_probe_se_equals_per_sample_computation(model, parts, items, collate, batch, test_processor):
     """Delta and standard error from one mixed batch equal those from each sample on its own."""
-    import numpy as np
-
     from sts_train.compress import compressed_forward
 
     pad = test_processor.tokenizer.pad_token_id
@@ -268,9 +287,7 @@ def test_compress_probe_se_equals_per_sample_computation(model, parts, items, co
                                                  pad_token_id=pad).loss) * n
             increase.append(probe - base)
             counts.append(n)
-        d, n = np.array(increase), np.array(counts, float)
-        delta = d.sum() / n.sum()
-        se = math.sqrt(len(d) / (len(d) - 1) * ((d - delta * n) ** 2).sum()) / n.sum()
+        delta, se = sum(increase) / sum(counts), _per_sample_se(increase, counts)
         assert _value(rows, metric="compress_loss_delta", method=method, keep_ratio=ratio) == pytest.approx(delta, rel=1e-3)
         assert _value(rows, metric="compress_loss_delta_se", method=method, keep_ratio=ratio) == pytest.approx(se, rel=1e-3)
         assert 0 < se < abs(delta) + 1.0
