@@ -32,21 +32,32 @@ Rules per stage of the tables (plain, documented choices):
   curve (the ratio follows the fraction of distinct tokens; never below the measured start).
 * **Token loss**: an option's ``loss_delta`` is the largest measured delta of its method at
   its own or any milder keep ratio (``measured_loss_delta`` keeps the probe's value), so a
-  harsher ratio never ranks as cheaper than a milder one on probe noise.
+  harsher ratio never ranks as cheaper than a milder one on probe noise. A keep ratio between
+  measured ones (keep 1 is dense: loss 0) takes the chord between its neighbours' deltas and
+  standard errors: exact where the loss is linear in the keep ratio, an upper bound where it
+  is convex (the probes measure each halving costlier than the one before).
 * **Budget** ``max_loss_increase``: of the token options within tolerance (and dense), with
   the rest of the tolerance spent on layers, the highest predicted speedup (no layers: the
   cheapest option within tolerance). ``target_speedup``: of the options reaching the target (a
-  measured token option plus just enough layer skipping, or a keep ratio between measured ones,
-  its loss bounded by the next smaller measured ratio), the smallest predicted loss (but see
-  probe noise); the chosen option's predicted loss is recorded as the derived tolerance.
-  Unknown layer loss ranks worse than any known loss.
-* **Probe noise** (``target_speedup``): options whose predicted loss lies within 2 standard
-  errors of the lowest (``compress_loss_delta_se``, combined as ``sqrt(se_a^2 + se_b^2)``:
-  conservative, as the probes share their samples; layer probes add no noise term) are a tie
-  the probes cannot break; it goes to uniform pooling, then merge, then the rest by
-  predicted loss. Pooling and merging keep every patch's content; the probes score the
-  one-shot loss of a model not trained with compression, not how training adapts to each
-  method. Tables without the standard error break ties only on equal losses.
+  measured token option, or the keep ratio that reaches the target alone, or any milder kept
+  fraction (every uniform-pooled grid of a square grid, else steps of 1/32), each plus just
+  enough layer skipping), the smallest predicted loss (but see probe noise); the chosen
+  option's predicted loss is recorded as the derived tolerance. Unknown layer loss ranks worse
+  than any known loss.
+* **Probe noise** (``target_speedup``): an option's standard error is its token probe's
+  (``compress_loss_delta_se``) plus ``sum_l p_l * se_l`` of the layer probes
+  (``skip_loss_delta_se``; a sum, right for any correlation between probes on the same
+  samples). Options whose predicted loss lies within 2 standard errors of the lowest
+  (``sqrt(se_a^2 + se_b^2)``: conservative, as the probes share their samples) are a tie the
+  probes cannot break. It goes to uniform pooling, then merge, then the rest by predicted
+  loss; within that method, to the option whose harshest rate (``1 - keep_ratio`` or a
+  layer's ``p_l``) is the smallest, then the lowest predicted loss. The probes score the
+  one-shot loss of a model not trained with sparsity, not how training adapts to it; pooling
+  and merging keep every patch's content, and of tied options the mildest worst departure
+  from the dense model (which evaluation runs) is taken: on the demo, single-axis schedules
+  (all pooling, or all skipping) trailed the paper's mix of both at equal FLOPs
+  (``bench/schedule_quality.py``). Tables without standard errors break ties only on equal
+  losses.
 
 The trend fitting, cost model and candidate search live in :mod:`sts_profile.derive_search`;
 their public names are re-exported here.
@@ -290,9 +301,10 @@ def derive_schedule(layers: pd.DataFrame | None, tokens: pd.DataFrame | None, *,
             "checkpoints": [{"checkpoint": c, "step": s} for c, s, _ in _checkpoints(ldf, tdf)],
             "llm_frozen": frozen, "llm_frozen_by": by,
             "token_options": options, "token_trend": trend, "layer_sensitivity": layer_info,
-            "choice": {k: best[k] for k in ("kind", "token_loss_delta", "token_loss_se", "bound_from_keep_ratio",
-                                            "layer_loss", "predicted_loss_increase", "candidates",
-                                            "ties", "lowest_loss_option") if k in best},
+            "choice": {k: best[k] for k in ("kind", "token_loss_delta", "token_loss_se", "interpolated_between",
+                                            "layer_loss", "layer_loss_se", "predicted_loss_increase",
+                                            "predicted_loss_se", "harshest_rate", "candidates",
+                                            "ties", "lowest_loss_option") if best.get(k) is not None},
             "predicted_speedup": speedup,
         }
         if budget.target_speedup is not None:

@@ -28,10 +28,11 @@ TREND_MIN_REL_RISE = 0.05
 # 1.3 tokens per image is 30% relative, but noise, not a trend.
 TOKEN_TREND_MIN_ABS_RISE = 0.01
 PROGRESS_POINTS = 200
-# Options whose predicted losses differ by less than TIE_Z standard errors of the token probes
+# Options whose predicted losses differ by less than TIE_Z standard errors of the probes
 # (sqrt(se_a^2 + se_b^2), about 95%) are a tie that the probes cannot break; the tie goes to the
 # method that summarises every patch in a fixed grid (uniform pooling), then the one that merges
-# every patch into a kept one (merge), then the rest by predicted loss.
+# every patch into a kept one (merge), then the rest by predicted loss; within the method, to the
+# option whose harshest rate (1 - keep ratio, or a layer's skip probability) is the smallest.
 TIE_Z = 2.0
 METHOD_RANK = {"uniform": 0, "merge": 1}
 _FITTED_CURVES = ("linear", "quadratic", "cosine")
@@ -167,11 +168,13 @@ def predicted_speedup(schedule: Schedule, *, num_layers: int, dims: LayerDims | 
 
 @dataclass
 class _Layers:
-    """Skip shape of a stage: ``p_l = min(0.9, c * w_l)``; ``delta`` is None when loss is unknown."""
+    """Skip shape of a stage: ``p_l = min(0.9, c * w_l)``; ``delta`` is None when loss is unknown,
+    ``se`` the probes' standard errors (0 where not measured)."""
 
     weights: list[float]
     delta: list[float] | None
     decay: str
+    se: list[float] | None = None
 
     def probs(self, scale: float) -> list[float]:
         return [min(MAX_SKIP_PROB, scale * w) for w in self.weights]
@@ -188,6 +191,11 @@ class _Layers:
         if self.delta is None:
             return math.nan
         return float(sum(p * max(d, 0.0) for p, d in zip(probs, self.delta)))
+
+    def loss_se(self, probs: list[float]) -> float:
+        """``sum_l p_l * se_l``: the standard error of :meth:`loss` for any correlation between
+        the layer probes (they share the calibration samples)."""
+        return 0.0 if self.se is None else float(sum(p * e for p, e in zip(probs, self.se)))
 
     def scale_for_total(self, total: float) -> float:
         """Smallest scale (within 1e-12) whose ``sum_l p_l`` reaches ``total``."""
@@ -229,9 +237,13 @@ def _layer_model(df: pd.DataFrame, num_layers: int, steps_range: tuple[int, int]
     weights = [0.0] * num_layers
     for l in eligible:
         weights[l] = 1.0 if ref <= 0 else ref / (clipped[l] + ref)
-    delta = None
+    delta = se = None
     if metric == "skip_loss_delta":
         delta = [sens.get(l, 0.0) if weights[l] > 0 else 0.0 for l in range(num_layers)]
+        errors = _per_checkpoint_layer(df, "skip_loss_delta_se").max(axis=0)
+        se = [float(errors.get(l, 0.0)) if weights[l] > 0 and np.isfinite(errors.get(l, np.nan)) else 0.0
+              for l in range(num_layers)]
+        info["se"] = se
     # The decay follows the need of the layers that will skip most (the less sensitive half).
     low = [l for l in eligible if clipped[l] <= ref]
     signal = "block_influence" if not _per_checkpoint_layer(df, "block_influence").empty else metric
@@ -242,7 +254,7 @@ def _layer_model(df: pd.DataFrame, num_layers: int, steps_range: tuple[int, int]
     else:
         decay, fit = "linear", {"reason": "fewer than two checkpoints; linear by default"}
     info["decay"] = {"signal": signal, "layers": low, "need": list(need.values), "curve": decay, **fit}
-    return _Layers(weights, delta, decay), info
+    return _Layers(weights, delta, decay, se), info
 
 
 def _token_options(df: pd.DataFrame) -> list[dict]:
@@ -293,6 +305,28 @@ def _tokens(method: str | None, ratio: float, relax: float, curve: str) -> Token
     return TokenSparsity(method, ratio, end, curve if end != ratio else "constant")
 
 
+def _interpolated(measured: dict[float, dict], ratio: float) -> tuple[float, float, list[float]] | None:
+    """``(loss, se, [lo, hi])`` of a method at ``ratio`` on the chord between its neighbouring
+    measured keep ratios (keep 1 is dense: 0 +- 0); None below its harshest measured ratio."""
+    points = {1.0: (0.0, 0.0), **{r: (o["loss_delta"], o.get("loss_delta_se", 0.0)) for r, o in measured.items()}}
+    if ratio < min(points) - 1e-12:
+        return None
+    lo = max(r for r in points if r <= ratio + 1e-12)
+    hi = min(r for r in points if r >= lo and r >= ratio - 1e-12)
+    w = 0.0 if hi == lo else (hi - ratio) / (hi - lo)  # the weight of the harsher point
+    return (w * points[lo][0] + (1 - w) * points[hi][0], w * points[lo][1] + (1 - w) * points[hi][1],
+            [lo, hi])
+
+
+def _ratio_grid(num_visual_tokens: int) -> list[float]:
+    """Keep ratios a target search tries beside the measured ones: every uniform-pooled grid
+    (``(k / side)^2``) on a square grid of tokens, else steps of 1/32."""
+    side = math.isqrt(num_visual_tokens)
+    if side * side == num_visual_tokens:
+        return [(k / side) ** 2 for k in range(1, side)]
+    return [i / 32 for i in range(1, 32)]
+
+
 def _choose(options: list[dict], layer_model: _Layers | None, relax: float, curve: str,
             budget: Budget, cost_args: dict) -> dict:
     """Evaluate the token options (plus layer skipping) against the budget; return the best."""
@@ -300,7 +334,7 @@ def _choose(options: list[dict], layer_model: _Layers | None, relax: float, curv
     n_layers = cost_args["num_layers"]
     candidates = []
 
-    def add(kind: str, method: str | None, ratio: float, token_delta: float, measured: float | None,
+    def add(kind: str, method: str | None, ratio: float, token_delta: float, between: list[float] | None,
             token_se: float = 0.0) -> None:
         tok = _tokens(method, ratio, relax, curve)
         cost = _cost(tok, decay, **cost_args)
@@ -315,27 +349,38 @@ def _choose(options: list[dict], layer_model: _Layers | None, relax: float, curv
             probs = [math.floor(p * 1e4) / 1e4 for p in layer_model.probs(scale)]
         total = sum(probs)
         layer_loss = 0.0 if total == 0 else (math.nan if layer_model is None else layer_model.loss(probs))
+        layer_se = 0.0 if total == 0 or layer_model is None else layer_model.loss_se(probs)
         candidates.append({
             "kind": kind, "tokens": tok, "skip_prob": probs, "token_loss_delta": token_delta,
-            "token_loss_se": token_se,
-            "bound_from_keep_ratio": measured, "predicted_speedup": cost.speedup(total),
-            "layer_loss": layer_loss, "unknown_layer_loss": total if math.isnan(layer_loss) else 0.0,
+            "token_loss_se": token_se, "interpolated_between": between,
+            "predicted_speedup": cost.speedup(total),
+            "layer_loss": layer_loss, "layer_loss_se": layer_se,
+            "unknown_layer_loss": total if math.isnan(layer_loss) else 0.0,
             "predicted_loss_increase": token_delta + (0.0 if math.isnan(layer_loss) else layer_loss),
+            "predicted_loss_se": token_se + layer_se,
+            "harshest_rate": max([0.0 if tok is None else 1.0 - ratio, *probs]),
         })
 
     add("dense tokens", None, 1.0, 0.0, None)
     for opt in options:
         if budget.max_loss_increase is None or opt["loss_delta"] <= budget.max_loss_increase:
-            add("measured token option", opt["method"], opt["keep_ratio"], opt["loss_delta"], opt["keep_ratio"],
+            add("measured token option", opt["method"], opt["keep_ratio"], opt["loss_delta"], None,
                 opt.get("loss_delta_se", 0.0))
     if budget.target_speedup is not None:
+        n_visual = cost_args["num_visual_tokens"]
         for method in sorted({o["method"] for o in options}):
             measured = {o["keep_ratio"]: o for o in options if o["method"] == method}
             ratio = _ratio_for_target(method, min(measured), relax, curve, budget.target_speedup, cost_args)
-            if ratio is not None:
-                bound = measured[max(r for r in measured if r <= ratio)]
-                add("token ratio between measured ones", method, ratio, bound["loss_delta"], bound["keep_ratio"],
-                    bound.get("loss_delta_se", 0.0))
+            seen = {_kept_visual(method, n_visual, r) for r in measured}
+            for r in ([] if ratio is None else [ratio]) + _ratio_grid(n_visual):  # and milder ones
+                kept = _kept_visual(method, n_visual, r)
+                if r < max(ratio or 0.0, min(measured)) - 1e-12 or kept >= n_visual or kept in seen:
+                    continue
+                seen.add(kept)
+                # the kept fraction (4 decimals keep the kept count): what the trainer keeps
+                r = round(kept / n_visual, 4) if relax <= 1.0 else r
+                loss, se, ends = _interpolated(measured, r)
+                add("token ratio between measured ones", method, r, loss, ends, se)
         target = budget.target_speedup
         met = [c for c in candidates if c["predicted_speedup"] >= target * (1 - 1e-9)]
         if met:
@@ -353,28 +398,33 @@ def _prefer_within_noise(met: list[dict]) -> dict:
     """The candidate to take among those reaching the target.
 
     The lowest predicted loss (unknown layer loss ranks worse than any known loss), unless
-    others lie within ``TIE_Z`` token-probe standard errors of it: then the most preferred
-    method among those ties (``METHOD_RANK``), and of that method's candidates the lowest
-    predicted loss, then the smallest speedup. (A harsher ratio may tie only because its probe
-    is noisier; the method's milder candidates are then at least as good, and keep to the
-    budget.) ``ties`` records how many candidates tied.
+    others lie within ``TIE_Z`` standard errors of it (``sqrt(se_a^2 + se_b^2)``, each
+    candidate's ``predicted_loss_se``): then the most preferred method among those ties
+    (``METHOD_RANK``, then predicted loss), and of that method's tied candidates plus its
+    lowest-loss one, the smallest harshest rate, then the lowest predicted loss. (A harsher
+    ratio may tie only because its probe is noisier; the method's milder candidates are then
+    at least as good, and keep to the budget.) ``ties`` records how many candidates tied.
 
-    The margin counts the token probes' noise only (layer probes record no standard error),
-    and ``sqrt(se_a^2 + se_b^2)`` treats the two probes as independent; they share the
+    ``sqrt(se_a^2 + se_b^2)`` treats two candidates' probes as independent; they share the
     calibration samples, so their errors correlate and the margin is conservative (wider).
     """
     known = min(c["unknown_layer_loss"] for c in met)
     pool = [c for c in met if c["unknown_layer_loss"] == known]
     lowest = min(pool, key=lambda c: (c["predicted_loss_increase"], c["predicted_speedup"]))
     ties = [c for c in pool if c["predicted_loss_increase"] - lowest["predicted_loss_increase"]
-            <= TIE_Z * math.hypot(c["token_loss_se"], lowest["token_loss_se"])]
+            <= TIE_Z * math.hypot(c["predicted_loss_se"], lowest["predicted_loss_se"])]
+
     def method(c: dict) -> str | None:
         return c["tokens"].method if c["tokens"] else None
 
+    def by_loss(c: dict) -> tuple:
+        return c["predicted_loss_increase"], c["predicted_speedup"]
+
     chosen = method(min(ties, key=lambda c: (METHOD_RANK.get(method(c), len(METHOD_RANK)),
                                              c["predicted_loss_increase"])))
-    best = min((c for c in pool if method(c) == chosen),
-               key=lambda c: (c["predicted_loss_increase"], c["predicted_speedup"]))
+    own = [c for c in pool if method(c) == chosen]
+    best = min([c for c in ties if method(c) == chosen] + [min(own, key=by_loss)],
+               key=lambda c: (round(c["harshest_rate"], 9), *by_loss(c)))
     best["ties"] = len(ties)
     best["lowest_loss_option"] = {"method": method(lowest), "kind": lowest["kind"],
                                   "predicted_loss_increase": lowest["predicted_loss_increase"]}
