@@ -379,8 +379,9 @@ def _choose(options: list[dict], layer_model: _Layers | None, relax: float, curv
                 seen.add(kept)
                 # the kept fraction (4 decimals keep the kept count): what the trainer keeps
                 r = round(kept / n_visual, 4) if relax <= 1.0 else r
-                loss, se, ends = _interpolated(measured, r)
-                add("token ratio between measured ones", method, r, loss, ends, se)
+                point = _interpolated(measured, r)
+                if point is not None:  # (a pooled grid can fall below the harshest measured ratio)
+                    add("token ratio between measured ones", method, r, point[0], point[2], point[1])
         target = budget.target_speedup
         met = [c for c in candidates if c["predicted_speedup"] >= target * (1 - 1e-9)]
         if met:

@@ -58,12 +58,14 @@ def key_numbers(layers: pd.DataFrame | None, tokens: pd.DataFrame | None, top: i
     Redundancy ranks layers by ``skip_loss_delta`` (fallback ``block_influence``, token type
     ``all`` if measured), averaged over the stage's checkpoints: smallest = most redundant.
     The best token method per keep ratio has the smallest mean ``compress_loss_delta``; where
-    the tables hold ``compress_loss_delta_se``, its mean over checkpoints is given beside it.
+    the tables hold ``compress_loss_delta_se`` (``skip_loss_delta_se``), its mean over
+    checkpoints is given beside the method (the layer).
 
     Returns:
         ``{stage: {"metric", "most_redundant": [(layer, value)], "least_redundant": [...],
-        "best_token_method": {keep_ratio: (method, value)}, "best_token_method_se":
-        {keep_ratio: se} (only with standard errors in the tables)}}``.
+        "layer_se": {layer: se}, "best_token_method": {keep_ratio: (method, value)},
+        "best_token_method_se": {keep_ratio: se}}}``; the ``_se`` entries only with standard
+        errors in the tables.
     """
     out: dict[str, dict] = {}
     for stage in _stage_steps(layers, tokens):
@@ -78,6 +80,9 @@ def key_numbers(layers: pd.DataFrame | None, tokens: pd.DataFrame | None, top: i
                     mean = m.groupby("layer")["value"].mean().sort_values()
                     pairs = [(int(l), float(v)) for l, v in mean.items()]
                     entry.update(metric=metric, most_redundant=pairs[:top], least_redundant=pairs[::-1][:top])
+                    se = df[df["metric"] == f"{metric}_se"].groupby("layer")["value"].mean()
+                    if not se.empty:
+                        entry["layer_se"] = {int(l): float(v) for l, v in se.items()}
                     break
         if tokens is not None and not tokens.empty:
             m = tokens[(tokens["stage"] == stage) & (tokens["metric"] == "compress_loss_delta")]
@@ -130,18 +135,20 @@ def _key_numbers_html(numbers: dict[str, dict], schedule: Schedule | None) -> st
     speedups = (schedule.source.get("predicted_speedup") or {}) if schedule is not None else {}
     rows = []
     for stage, entry in numbers.items():
-        def layers_of(key):
-            return ", ".join(f"{l} ({v:.3g})" for l, v in entry.get(key, [])) or "-"
         best, best_se = entry.get("best_token_method", {}), entry.get("best_token_method_se", {})
+        layer_se = entry.get("layer_se", {})
 
-        def noise(r):
-            return f" \u00b1 {best_se[r]:.2g}" if math.isfinite(best_se.get(r, math.nan)) else ""
+        def noise(errors, key):
+            return f" \u00b1 {errors[key]:.2g}" if math.isfinite(errors.get(key, math.nan)) else ""
+
+        def layers_of(key):
+            return ", ".join(f"{l} ({v:.3g}{noise(layer_se, l)})" for l, v in entry.get(key, [])) or "-"
         rows.append({
             "stage": stage, "layer metric": entry.get("metric", "-"),
             "most redundant layers": layers_of("most_redundant"),
             "least redundant layers": layers_of("least_redundant"),
             "best token method per keep ratio": "; ".join(
-                f"{r:g}: {m} ({v:+.3g}{noise(r)})" for r, (m, v) in sorted(best.items(), reverse=True)) or "-",
+                f"{r:g}: {m} ({v:+.3g}{noise(best_se, r)})" for r, (m, v) in sorted(best.items(), reverse=True)) or "-",
             "predicted speedup": speedups.get(stage, "-"),
         })
     return _table(rows)

@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
@@ -126,6 +127,21 @@ def test_key_numbers_give_the_best_methods_standard_error(tmp_path):
                         notes=[], checkpoints=[])
     assert "0.5: merge (+0.008 \u00b1 0.002); 0.25: merge (+0.025 \u00b1 0.002); 0.125: uniform (+0.08 \u00b1 0.05)" \
         in page.read_text()
+
+
+def test_key_numbers_give_the_layer_probes_standard_error(tmp_path):
+    layers, tokens = synthetic_tables()
+    assert "layer_se" not in key_numbers(layers, tokens)["instruction"]
+    se = layers[layers["metric"] == "skip_loss_delta"].assign(metric="skip_loss_delta_se")
+    se["value"] = 0.001 * (se["layer"] + 1) * se["step"] / 1000  # mean over checkpoints 0.0007 x (l + 1)
+    layers = pd.concat([layers, se], ignore_index=True)
+    nums = key_numbers(layers, tokens)["instruction"]
+    steps = sorted(set(se[se["stage"] == "instruction"]["step"]))
+    assert nums["layer_se"] == pytest.approx({l: 0.001 * (l + 1) * np.mean(steps) / 1000 for l in range(6)})
+    page = write_report(tmp_path, layers=layers, tokens=tokens, cost=None, schedule=None, plots={},
+                        notes=[], checkpoints=[])
+    most = ", ".join(f"{l} ({v:.3g} \u00b1 {nums['layer_se'][l]:.2g})" for l, v in nums["most_redundant"])
+    assert most.startswith("2 (") and most in page.read_text()
 
 
 def test_report_without_schedule_or_plots(tmp_path):
