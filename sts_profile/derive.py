@@ -33,10 +33,12 @@ Rules per stage of the tables (plain, documented choices):
 * **Token loss**: an option's ``loss_delta`` is the largest measured delta of its method at
   its own or any milder keep ratio (``measured_loss_delta`` keeps the probe's value), so a
   harsher ratio never ranks as cheaper than a milder one on probe noise. A keep ratio between
-  measured ones (keep 1 is dense: loss 0) takes the chord between its neighbours' deltas and
-  standard errors: exact where the loss is linear in the keep ratio, an upper bound where it
-  is convex (the probes measure each halving costlier than the one before).
-* **Budget** ``max_loss_increase``: of the token options within tolerance (and dense), with
+  measured ones takes the chord between its neighbours' deltas and standard errors, by the
+  fraction of tokens each keeps (a pooled grid keeps k*k): exact where the loss is linear in
+  it, an upper bound where it is convex (the probes measure each halving costlier than the
+  one before). Above the mildest probe (keep 0.5 by default) the chord runs to dense (loss
+  0): assumed, not measured.
+* **Budget** ``max_loss_increase``: of the measured token options within tolerance (and dense), with
   the rest of the tolerance spent on layers, the highest predicted speedup (no layers: the
   cheapest option within tolerance). ``target_speedup``: of the options reaching the target (a
   measured token option, or the keep ratio that reaches the target alone, or any milder kept
@@ -46,12 +48,13 @@ Rules per stage of the tables (plain, documented choices):
   than any known loss.
 * **Probe noise** (``target_speedup``): an option's standard error is its token probe's
   (``compress_loss_delta_se``) plus ``sum_l p_l * se_l`` of the layer probes
-  (``skip_loss_delta_se``; a sum, right for any correlation between probes on the same
-  samples). Options whose predicted loss lies within 2 standard errors of the lowest
+  (``skip_loss_delta_se``; summed, an upper bound for any correlation between probes on the
+  same samples). Options whose predicted loss lies within 2 standard errors of the lowest
   (``sqrt(se_a^2 + se_b^2)``: conservative, as the probes share their samples) are a tie the
   probes cannot break. It goes to uniform pooling, then merge, then the rest by predicted
-  loss; within that method, to the option whose harshest rate (``1 - keep_ratio`` or a
-  layer's ``p_l``) is the smallest, then the lowest predicted loss. The probes score the
+  loss; of that method's tied options (and its lowest-loss one), to the one whose harshest
+  rate (the fraction of tokens dropped, or a layer's ``p_l``) is the smallest, then the
+  lowest predicted loss. The probes score the
   one-shot loss of a model not trained with sparsity, not how training adapts to it; pooling
   and merging keep every patch's content, and of tied options the mildest worst departure
   from the dense model (which evaluation runs) is taken: on the demo, single-axis schedules

@@ -193,8 +193,8 @@ class _Layers:
         return float(sum(p * max(d, 0.0) for p, d in zip(probs, self.delta)))
 
     def loss_se(self, probs: list[float]) -> float:
-        """``sum_l p_l * se_l``: the standard error of :meth:`loss` for any correlation between
-        the layer probes (they share the calibration samples)."""
+        """``sum_l p_l * se_l``: an upper bound of the standard error of :meth:`loss` for any
+        correlation between the layer probes (they share the calibration samples)."""
         return 0.0 if self.se is None else float(sum(p * e for p, e in zip(probs, self.se)))
 
     def scale_for_total(self, total: float) -> float:
@@ -241,9 +241,10 @@ def _layer_model(df: pd.DataFrame, num_layers: int, steps_range: tuple[int, int]
     if metric == "skip_loss_delta":
         delta = [sens.get(l, 0.0) if weights[l] > 0 else 0.0 for l in range(num_layers)]
         errors = _per_checkpoint_layer(df, "skip_loss_delta_se").max(axis=0)
-        se = [float(errors.get(l, 0.0)) if weights[l] > 0 and np.isfinite(errors.get(l, np.nan)) else 0.0
-              for l in range(num_layers)]
-        info["se"] = se
+        if not errors.empty:  # NaN (one sample) counts as no known noise
+            se = [float(errors.get(l, 0.0)) if weights[l] > 0 and np.isfinite(errors.get(l, np.nan)) else 0.0
+                  for l in range(num_layers)]
+            info["se"] = se
     # The decay follows the need of the layers that will skip most (the less sensitive half).
     low = [l for l in eligible if clipped[l] <= ref]
     signal = "block_influence" if not _per_checkpoint_layer(df, "block_influence").empty else metric
@@ -305,17 +306,16 @@ def _tokens(method: str | None, ratio: float, relax: float, curve: str) -> Token
     return TokenSparsity(method, ratio, end, curve if end != ratio else "constant")
 
 
-def _interpolated(measured: dict[float, dict], ratio: float) -> tuple[float, float, list[float]] | None:
-    """``(loss, se, [lo, hi])`` of a method at ``ratio`` on the chord between its neighbouring
-    measured keep ratios (keep 1 is dense: 0 +- 0); None below its harshest measured ratio."""
-    points = {1.0: (0.0, 0.0), **{r: (o["loss_delta"], o.get("loss_delta_se", 0.0)) for r, o in measured.items()}}
-    if ratio < min(points) - 1e-12:
+def _interpolated(points: dict[float, tuple[float, float]], frac: float) -> tuple[float, float, list[float]] | None:
+    """``(loss, se, [lo, hi])`` at kept fraction ``frac`` on the chord between its neighbours in
+    ``points`` (``{kept fraction: (loss, se)}``); None below the harshest point."""
+    if frac < min(points) - 1e-12:
         return None
-    lo = max(r for r in points if r <= ratio + 1e-12)
-    hi = min(r for r in points if r >= lo and r >= ratio - 1e-12)
-    w = 0.0 if hi == lo else (hi - ratio) / (hi - lo)  # the weight of the harsher point
+    lo = max(f for f in points if f <= frac + 1e-12)
+    hi = min(f for f in points if f >= lo and f >= frac - 1e-12)
+    w = 0.0 if hi == lo else (hi - frac) / (hi - lo)  # the weight of the harsher point
     return (w * points[lo][0] + (1 - w) * points[hi][0], w * points[lo][1] + (1 - w) * points[hi][1],
-            [lo, hi])
+            [round(lo, 4), round(hi, 4)])
 
 
 def _ratio_grid(num_visual_tokens: int) -> list[float]:
@@ -331,8 +331,11 @@ def _choose(options: list[dict], layer_model: _Layers | None, relax: float, curv
             budget: Budget, cost_args: dict) -> dict:
     """Evaluate the token options (plus layer skipping) against the budget; return the best."""
     decay = "constant" if layer_model is None else layer_model.decay
-    n_layers = cost_args["num_layers"]
+    n_layers, n_visual = cost_args["num_layers"], cost_args["num_visual_tokens"]
     candidates = []
+
+    def kept_frac(method: str, ratio: float) -> float:
+        return _kept_visual(method, n_visual, ratio) / n_visual
 
     def add(kind: str, method: str | None, ratio: float, token_delta: float, between: list[float] | None,
             token_se: float = 0.0) -> None:
@@ -358,7 +361,7 @@ def _choose(options: list[dict], layer_model: _Layers | None, relax: float, curv
             "unknown_layer_loss": total if math.isnan(layer_loss) else 0.0,
             "predicted_loss_increase": token_delta + (0.0 if math.isnan(layer_loss) else layer_loss),
             "predicted_loss_se": token_se + layer_se,
-            "harshest_rate": max([0.0 if tok is None else 1.0 - ratio, *probs]),
+            "harshest_rate": max([0.0 if tok is None else 1.0 - kept_frac(method, ratio), *probs]),
         })
 
     add("dense tokens", None, 1.0, 0.0, None)
@@ -367,19 +370,26 @@ def _choose(options: list[dict], layer_model: _Layers | None, relax: float, curv
             add("measured token option", opt["method"], opt["keep_ratio"], opt["loss_delta"], None,
                 opt.get("loss_delta_se", 0.0))
     if budget.target_speedup is not None:
-        n_visual = cost_args["num_visual_tokens"]
         for method in sorted({o["method"] for o in options}):
             measured = {o["keep_ratio"]: o for o in options if o["method"] == method}
+            # the probes' points by the fraction of tokens they kept (a pooled grid keeps k*k)
+            points = {1.0: (0.0, 0.0)}
+            for r in sorted(measured, reverse=True):
+                points[kept_frac(method, r)] = (measured[r]["loss_delta"], measured[r].get("loss_delta_se", 0.0))
+
+            def key(r: float) -> tuple:  # same kept tokens over the whole stage: the same option
+                tok = _tokens(method, r, relax, curve)
+                return _kept_visual(method, n_visual, r), tok.keep_ratio_end if relax > 1.0 else None
+
             ratio = _ratio_for_target(method, min(measured), relax, curve, budget.target_speedup, cost_args)
-            seen = {_kept_visual(method, n_visual, r) for r in measured}
+            seen = {key(r) for r in measured}
             for r in ([] if ratio is None else [ratio]) + _ratio_grid(n_visual):  # and milder ones
-                kept = _kept_visual(method, n_visual, r)
-                if r < max(ratio or 0.0, min(measured)) - 1e-12 or kept >= n_visual or kept in seen:
+                if r < max(ratio or 0.0, min(measured)) - 1e-12 or kept_frac(method, r) >= 1.0 or key(r) in seen:
                     continue
-                seen.add(kept)
-                # the kept fraction (4 decimals keep the kept count): what the trainer keeps
-                r = round(kept / n_visual, 4) if relax <= 1.0 else r
-                point = _interpolated(measured, r)
+                seen.add(key(r))
+                # constant: the kept fraction itself (4 decimals keep the kept count)
+                r = round(kept_frac(method, r), 4) if relax <= 1.0 else r
+                point = _interpolated(points, kept_frac(method, r))
                 if point is not None:  # (a pooled grid can fall below the harshest measured ratio)
                     add("token ratio between measured ones", method, r, point[0], point[2], point[1])
         target = budget.target_speedup
@@ -428,7 +438,8 @@ def _prefer_within_noise(met: list[dict]) -> dict:
                key=lambda c: (round(c["harshest_rate"], 9), *by_loss(c)))
     best["ties"] = len(ties)
     best["lowest_loss_option"] = {"method": method(lowest), "kind": lowest["kind"],
-                                  "predicted_loss_increase": lowest["predicted_loss_increase"]}
+                                  "predicted_loss_increase": lowest["predicted_loss_increase"],
+                                  "predicted_loss_se": lowest["predicted_loss_se"]}
     return best
 
 

@@ -203,33 +203,41 @@ def _with_se(tokens, se):
     return pd.concat([tokens, rows], ignore_index=True)
 
 
-def _chord(lo: tuple[float, float], hi: tuple[float, float], ratio: float) -> float:
-    """Independent: the straight line through (keep ratio, loss) points ``lo`` and ``hi`` at ``ratio``."""
-    return lo[1] + (hi[1] - lo[1]) * (ratio - lo[0]) / (hi[0] - lo[0])
+def _chord(lo: tuple[float, float], hi: tuple[float, float], frac: float) -> float:
+    """Independent: the straight line through (kept fraction, loss) points ``lo`` and ``hi`` at ``frac``."""
+    return lo[1] + (hi[1] - lo[1]) * (frac - lo[0]) / (hi[0] - lo[0])
+
+
+def _pooled(ratio: float) -> float:
+    """Independent: the fraction of a 24x24 grid uniform pooling keeps (each side x sqrt(ratio))."""
+    return round(24 * math.sqrt(ratio)) ** 2 / 576
 
 
 def test_probe_noise_ties_go_to_uniform_pooling():
     """At 2x, merge has the lowest predicted loss in both stages (tokens alone, at a keep ratio
     between the measured 0.25 and 0.5: the chord between their losses); uniform pooling is
-    0.0035 (alignment) and 0.0094 (instruction) above it. A standard error of 0.003 per probe
+    0.0057 (alignment) and 0.0112 (instruction) above it. A standard error of 0.003 per probe
     makes the tie margin 2 * sqrt(2) * 0.003 = 0.0085: alignment ties and goes to pooling,
     instruction does not. A ten times smaller error (or none) keeps merge in both."""
     layers, tokens = synthetic_tables()
     noisy = derive(Budget(target_speedup=2.0), layers, _with_se(tokens, 0.003))
     align, instr = (noisy.source["derivation"][n]["choice"] for n in ("alignment", "instruction"))
     tok = noisy.stage_named("alignment").tokens
-    assert tok.method == "uniform" and align["interpolated_between"] == [0.25, 0.5]
+    # pooling's probes kept 12x12 = 0.25 and 17x17 = 0.5017 of the 24x24 grid
+    assert tok.method == "uniform" and align["interpolated_between"] == [0.25, 0.5017]
+    assert _pooled(tok.keep_ratio) == 15 * 15 / 576
     # alignment deltas are the probes' max over checkpoints: 1.1 x TOKEN_DELTA
     assert align["predicted_loss_increase"] == pytest.approx(
-        _chord((0.25, 0.033), (0.5, 0.011), tok.keep_ratio), rel=1e-5)
+        _chord((0.25, 0.033), (_pooled(0.5), 0.011), _pooled(tok.keep_ratio)), rel=1e-5)
+    assert align["harshest_rate"] == pytest.approx(1 - 225 / 576)
     assert align["lowest_loss_option"]["method"] == "merge"
     assert align["predicted_loss_increase"] - align["lowest_loss_option"]["predicted_loss_increase"] \
-        == pytest.approx(0.0035, abs=1e-4)
+        == pytest.approx(0.0057, abs=1e-4)
     assert align["token_loss_se"] == 0.003 and align["ties"] == 2  # merge and pooling; the others are further
     assert noisy.stage_named("instruction").tokens.method == "merge"
     merge = noisy.stage_named("instruction").tokens  # instruction deltas: 3.3 x TOKEN_DELTA
     assert instr["predicted_loss_increase"] == pytest.approx(
-        _chord((0.25, 3.3 * 0.025), (0.5, 3.3 * 0.008), merge.keep_ratio), rel=1e-5)
+        _chord((0.25, 3.3 * 0.025), (0.5, 3.3 * 0.008), round(576 * merge.keep_ratio) / 576), rel=1e-5)  # kept
     for tables in (_with_se(tokens, 0.0003), tokens):
         sched = derive(Budget(target_speedup=2.0), layers, tables)
         assert [s.tokens.method for s in sched.stages] == ["merge", "merge"]
@@ -240,7 +248,7 @@ def test_probe_noise_ties_go_to_uniform_pooling():
 @pytest.mark.parametrize("uniform_se, method", [(0.0045, "uniform"), (0.0015, "merge")])
 def test_tie_margin_uses_each_options_own_se_at_its_milder_ratios(uniform_se, method):
     """Alignment at 2x keeps ~0.41 of the tokens, between the probes at keep 0.25 and 0.5;
-    merge is the lowest (s.e. 0) and pooling 0.0035 above it. Pooling's s.e. is measured only
+    merge is the lowest (s.e. 0) and pooling 0.0057 above it. Pooling's s.e. is measured only
     at keep 0.5; its envelope carries it down to 0.25, so the margin is 2 * uniform_se: 0.009
     ties, 0.003 does not."""
     layers, tokens = synthetic_tables()
@@ -249,7 +257,7 @@ def test_tie_margin_uses_each_options_own_se_at_its_milder_ratios(uniform_se, me
     choice = sched.source["derivation"]["alignment"]["choice"]
     assert sched.stage_named("alignment").tokens.method == method
     assert choice["token_loss_se"] == pytest.approx(uniform_se if method == "uniform" else 0.0)
-    assert choice["interpolated_between"] == [0.25, 0.5]
+    assert choice["interpolated_between"] == [0.25, 0.5017 if method == "uniform" else 0.5]  # kept fractions
 
 
 def _with_layer_se(layers, se):
@@ -275,18 +283,48 @@ def test_layer_probe_noise_lets_a_milder_mix_of_pooling_and_skipping_tie():
     stage, choice = sched.stage_named("instruction"), sched.source["derivation"]["instruction"]["choice"]
     p = stage.layers.skip_prob
     assert stage.tokens == TokenSparsity("uniform", 0.5625, 0.5625, "constant") and p[0] == p[-1] == 0.0
-    # max over checkpoints: 1.1 x the deltas; the token loss on the chord from keep 0.5 to dense
-    token_loss = _chord((0.5, 1.1 * 0.014), (1.0, 0.0), 0.5625)
+    # max over checkpoints: 1.1 x the deltas; the token loss on the chord from the probe at keep
+    # 0.5 (a 17x17 grid) to dense
+    token_loss = _chord((_pooled(0.5), 1.1 * 0.014), (1.0, 0.0), 0.5625)
     layer_loss = sum(pl * 1.1 * d for pl, d in zip(p, layer_delta))
     assert choice["layer_loss"] == pytest.approx(layer_loss, rel=1e-4)
     assert choice["predicted_loss_increase"] == pytest.approx(token_loss + layer_loss, rel=1e-4)
     # s.e.: the chord's (0.003 from keep 0.5 to 0 at dense) plus sum_l p_l * 0.01
-    assert choice["predicted_loss_se"] == pytest.approx(_chord((0.5, 0.003), (1.0, 0.0), 0.5625) + 0.01 * sum(p),
-                                                        rel=1e-4)
+    assert choice["predicted_loss_se"] == pytest.approx(
+        _chord((_pooled(0.5), 0.003), (1.0, 0.0), 0.5625) + 0.01 * sum(p), rel=1e-4)
     assert choice["harshest_rate"] == pytest.approx(max(1 - 0.5625, *p)) and choice["harshest_rate"] < 0.5
-    lowest = choice["lowest_loss_option"]["predicted_loss_increase"]
-    assert lowest < choice["predicted_loss_increase"] <= lowest + 2 * math.hypot(choice["predicted_loss_se"], 0.003)
+    lowest = choice["lowest_loss_option"]
+    assert lowest["predicted_loss_increase"] < choice["predicted_loss_increase"] \
+        <= lowest["predicted_loss_increase"] + 2 * math.hypot(choice["predicted_loss_se"], lowest["predicted_loss_se"])
     assert speedup(sched, "instruction") == pytest.approx(2.0, abs=1e-3)
+
+
+def test_layer_standard_errors_missing_or_nan_count_as_no_noise():
+    layers, tokens = synthetic_tables()
+    base = derive(Budget(target_speedup=2.0), layers, tokens)
+    assert "se" not in base.source["derivation"]["instruction"]["layer_sensitivity"]
+    nan = derive(Budget(target_speedup=2.0), _with_layer_se(layers, math.nan), tokens)
+    assert nan.source["derivation"]["instruction"]["layer_sensitivity"]["se"] == [0.0] * NUM_LAYERS
+    assert nan.stages == base.stages
+    # a tolerance budget ignores the noise: the same schedule with or without it
+    tol = Budget(max_loss_increase=0.03)
+    assert derive(tol, _with_layer_se(layers, 0.05), tokens).stages == derive(tol, layers, tokens).stages
+
+
+def test_a_relaxing_keep_ratio_that_pools_like_a_probe_still_reaches_the_target():
+    """Pooling only, in a frozen stage whose keep ratio relaxes over the stage (x 1.5 at its
+    end). The ratio that reaches 1.7x alone (0.49) pools to the same 17x17 grid at the start
+    as the probe at keep 0.5, but ends harsher than that probe's option (0.735 vs 0.75), which
+    falls short of the target. It must stay a candidate (the probe at 0.25 would overshoot)."""
+    layers, tokens = synthetic_tables()
+    tokens = tokens[tokens["method"].isin(["uniform", ""])]
+    sched = derive(Budget(target_speedup=1.7), layers, tokens)
+    tok = sched.stage_named("alignment").tokens
+    assert _pooled(tok.keep_ratio) == _pooled(0.5) and tok.keep_ratio < 0.5 and tok.curve == "linear"
+    assert tok.keep_ratio_end == pytest.approx(1.5 * tok.keep_ratio)
+    assert 1.7 <= speedup(sched, "alignment") < 1.7 * 1.01
+    half = Schedule(1, {}, (Stage("alignment", tokens=TokenSparsity("uniform", 0.5, 0.75, "linear")),))
+    assert speedup(half, "alignment") < 1.7
 
 
 def test_a_noisier_harsher_ratio_cannot_pull_the_choice_past_the_budget():
