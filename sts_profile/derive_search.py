@@ -28,6 +28,9 @@ TREND_MIN_REL_RISE = 0.05
 # 1.3 tokens per image is 30% relative, but noise, not a trend.
 TOKEN_TREND_MIN_ABS_RISE = 0.01
 PROGRESS_POINTS = 200
+# Layer skipping anneals to the dense model (which evaluation runs) by the end of its stage: when
+# the need of the skippable layers does not rise, the paper's (1 - x)^2, not constant.
+ANNEAL_CURVE = "quadratic"
 # Options whose predicted losses differ by less than TIE_Z standard errors of the probes
 # (sqrt(se_a^2 + se_b^2), about 95%) are a tie that the probes cannot break; the tie goes to the
 # method that summarises every patch in a fixed grid (uniform pooling), then the one that merges
@@ -80,6 +83,11 @@ def fit_decay(progress: list[float], need: list[float], *, min_abs_rise: float =
     info["residual"] = residual
     best = min(_FITTED_CURVES, key=lambda n: (round(residual[n], 12), _FITTED_CURVES.index(n)))
     return best, info
+
+
+def _mean_over_progress(f) -> float:
+    """Mean of ``f(x)`` over the progress grid the cost model sums over."""
+    return sum(f((i + 0.5) / PROGRESS_POINTS) for i in range(PROGRESS_POINTS)) / PROGRESS_POINTS
 
 
 def _progress(steps: list[int], stage_range: tuple[int, int] | None) -> list[float]:
@@ -180,6 +188,11 @@ class _Layers:
         return [min(MAX_SKIP_PROB, scale * w) for w in self.weights]
 
     @property
+    def mean_factor(self) -> float:
+        """Mean of the decay curve over the stage's progress grid: ``p_l(x)`` averages ``p_l * this``."""
+        return _mean_over_progress(DECAY_CURVES[self.decay])
+
+    @property
     def top_scale(self) -> float:
         return MAX_SKIP_PROB / min(w for w in self.weights if w > 0)
 
@@ -188,14 +201,15 @@ class _Layers:
         return MAX_SKIP_PROB * sum(w > 0 for w in self.weights)
 
     def loss(self, probs: list[float]) -> float:
+        """Predicted loss increase averaged over the stage: ``mean_x sum_l p_l(x) * max(s_l, 0)``."""
         if self.delta is None:
             return math.nan
-        return float(sum(p * max(d, 0.0) for p, d in zip(probs, self.delta)))
+        return self.mean_factor * float(sum(p * max(d, 0.0) for p, d in zip(probs, self.delta)))
 
     def loss_se(self, probs: list[float]) -> float:
-        """``sum_l p_l * se_l``: an upper bound of the standard error of :meth:`loss` for any
-        correlation between the layer probes (they share the calibration samples)."""
-        return 0.0 if self.se is None else float(sum(p * e for p, e in zip(probs, self.se)))
+        """``mean_x sum_l p_l(x) * se_l``: an upper bound of the standard error of :meth:`loss`
+        for any correlation between the layer probes (they share the calibration samples)."""
+        return 0.0 if self.se is None else self.mean_factor * float(sum(p * e for p, e in zip(probs, self.se)))
 
     def scale_for_total(self, total: float) -> float:
         """Smallest scale (within 1e-12) whose ``sum_l p_l`` reaches ``total``."""
@@ -252,6 +266,8 @@ def _layer_model(df: pd.DataFrame, num_layers: int, steps_range: tuple[int, int]
     need = table.mean(axis=1)
     if len(need) >= 2:
         decay, fit = fit_decay(_progress(list(need.index), steps_range), list(need.values))
+        if decay == "constant":
+            decay, fit = ANNEAL_CURVE, {**fit, "reason": "need does not rise: anneal to dense by the stage end"}
     else:
         decay, fit = "linear", {"reason": "fewer than two checkpoints; linear by default"}
     info["decay"] = {"signal": signal, "layers": low, "need": list(need.values), "curve": decay, **fit}
@@ -331,6 +347,7 @@ def _choose(options: list[dict], layer_model: _Layers | None, relax: float, curv
             budget: Budget, cost_args: dict) -> dict:
     """Evaluate the token options (plus layer skipping) against the budget; return the best."""
     decay = "constant" if layer_model is None else layer_model.decay
+    mean_factor = 1.0 if layer_model is None else layer_model.mean_factor
     n_layers, n_visual = cost_args["num_layers"], cost_args["num_visual_tokens"]
     candidates = []
 
@@ -361,7 +378,8 @@ def _choose(options: list[dict], layer_model: _Layers | None, relax: float, curv
             "unknown_layer_loss": total if math.isnan(layer_loss) else 0.0,
             "predicted_loss_increase": token_delta + (0.0 if math.isnan(layer_loss) else layer_loss),
             "predicted_loss_se": token_se + layer_se,
-            "harshest_rate": max([0.0 if tok is None else 1.0 - kept_frac(method, ratio), *probs]),
+            "harshest_rate": max(0.0 if tok is None else 1.0 - _mean_over_progress(
+                lambda x: kept_frac(method, tok.keep_ratio_at(x))), *(p * mean_factor for p in probs)),
         })
 
     add("dense tokens", None, 1.0, 0.0, None)
