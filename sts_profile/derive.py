@@ -52,7 +52,7 @@ Rules per stage of the tables (plain, documented choices):
   option's predicted loss is recorded as the derived tolerance. Unknown layer loss ranks worse
   than any known loss.
 * **Probe noise** (``target_speedup``): an option's standard error is its token probe's
-  (``compress_loss_delta_se``) plus ``sum_l p_l * se_l`` of the layer probes
+  (``compress_loss_delta_se``) plus the stage's mean of ``sum_l p_l(x) * se_l`` of the layer probes
   (``skip_loss_delta_se``; summed, an upper bound for any correlation between probes on the
   same samples). Options whose predicted loss lies within 2 standard errors of the lowest
   (``sqrt(se_a^2 + se_b^2)``: conservative, as the probes share their samples) are a tie the
