@@ -57,15 +57,10 @@ Rules per stage of the tables (plain, documented choices):
   same samples). Options whose predicted loss lies within 2 standard errors of the lowest
   (``sqrt(se_a^2 + se_b^2)``: conservative, as the probes share their samples) are a tie the
   probes cannot break. It goes to uniform pooling, then merge, then the rest by predicted
-  loss; of that method's tied options (and its lowest-loss one), to the one whose harshest
-  rate (the fraction of tokens dropped or a layer's skip probability, each averaged over the
-  stage) is the smallest, then the lowest predicted loss. The probes score the
-  one-shot loss of a model not trained with sparsity, not how training adapts to it; pooling
-  and merging keep every patch's content, and of tied options the mildest worst departure
-  from the dense model (which evaluation runs) is taken: on the demo, single-axis schedules
-  (all pooling, or all skipping) trailed the paper's mix of both at equal FLOPs
-  (``bench/schedule_quality.py``). Tables without standard errors break ties only on equal
-  losses.
+  loss, and then to that method's lowest predicted loss. Pooling and merging keep every
+  patch's content; the probes score the one-shot loss of a model not trained with
+  compression, not how training adapts to each method. Tables without standard errors break
+  ties only on equal losses.
 
 The trend fitting, cost model and candidate search live in :mod:`sts_profile.derive_search`;
 their public names are re-exported here.
@@ -311,7 +306,7 @@ def derive_schedule(layers: pd.DataFrame | None, tokens: pd.DataFrame | None, *,
             "token_options": options, "token_trend": trend, "layer_sensitivity": layer_info,
             "choice": {k: best[k] for k in ("kind", "token_loss_delta", "token_loss_se", "interpolated_between",
                                             "layer_loss", "layer_loss_se", "predicted_loss_increase",
-                                            "predicted_loss_se", "harshest_rate", "candidates",
+                                            "predicted_loss_se", "candidates",
                                             "ties", "lowest_loss_option") if best.get(k) is not None},
             "predicted_speedup": speedup,
         }

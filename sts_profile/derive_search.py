@@ -34,8 +34,7 @@ ANNEAL_CURVE = "quadratic"
 # Options whose predicted losses differ by less than TIE_Z standard errors of the probes
 # (sqrt(se_a^2 + se_b^2), about 95%) are a tie that the probes cannot break; the tie goes to the
 # method that summarises every patch in a fixed grid (uniform pooling), then the one that merges
-# every patch into a kept one (merge), then the rest by predicted loss; within the method, to the
-# option whose harshest rate (1 - keep ratio, or a layer's skip probability) is the smallest.
+# every patch into a kept one (merge), then the rest by predicted loss.
 TIE_Z = 2.0
 METHOD_RANK = {"uniform": 0, "merge": 1}
 _FITTED_CURVES = ("linear", "quadratic", "cosine")
@@ -347,7 +346,6 @@ def _choose(options: list[dict], layer_model: _Layers | None, relax: float, curv
             budget: Budget, cost_args: dict) -> dict:
     """Evaluate the token options (plus layer skipping) against the budget; return the best."""
     decay = "constant" if layer_model is None else layer_model.decay
-    mean_factor = 1.0 if layer_model is None else layer_model.mean_factor
     n_layers, n_visual = cost_args["num_layers"], cost_args["num_visual_tokens"]
     candidates = []
 
@@ -378,8 +376,6 @@ def _choose(options: list[dict], layer_model: _Layers | None, relax: float, curv
             "unknown_layer_loss": total if math.isnan(layer_loss) else 0.0,
             "predicted_loss_increase": token_delta + (0.0 if math.isnan(layer_loss) else layer_loss),
             "predicted_loss_se": token_se + layer_se,
-            "harshest_rate": max(0.0 if tok is None else 1.0 - _mean_over_progress(
-                lambda x: kept_frac(method, tok.keep_ratio_at(x))), *(p * mean_factor for p in probs)),
         })
 
     add("dense tokens", None, 1.0, 0.0, None)
@@ -429,10 +425,10 @@ def _prefer_within_noise(met: list[dict]) -> dict:
     The lowest predicted loss (unknown layer loss ranks worse than any known loss), unless
     others lie within ``TIE_Z`` standard errors of it (``sqrt(se_a^2 + se_b^2)``, each
     candidate's ``predicted_loss_se``): then the most preferred method among those ties
-    (``METHOD_RANK``, then predicted loss), and of that method's tied candidates plus its
-    lowest-loss one, the smallest harshest rate, then the lowest predicted loss. (A harsher
-    ratio may tie only because its probe is noisier; the method's milder candidates are then
-    at least as good, and keep to the budget.) ``ties`` records how many candidates tied.
+    (``METHOD_RANK``, then predicted loss), and that method's lowest predicted loss, then
+    smallest speedup. (A harsher ratio may tie only because its probe is noisier; the
+    method's milder candidates are then at least as good, and keep to the budget.) ``ties``
+    records how many candidates tied.
 
     ``sqrt(se_a^2 + se_b^2)`` treats two candidates' probes as independent; they share the
     calibration samples, so their errors correlate and the margin is conservative (wider).
@@ -451,9 +447,7 @@ def _prefer_within_noise(met: list[dict]) -> dict:
 
     chosen = method(min(ties, key=lambda c: (METHOD_RANK.get(method(c), len(METHOD_RANK)),
                                              c["predicted_loss_increase"])))
-    own = [c for c in pool if method(c) == chosen]
-    best = min([c for c in ties if method(c) == chosen] + [min(own, key=by_loss)],
-               key=lambda c: (round(c["harshest_rate"], 9), *by_loss(c)))
+    best = min((c for c in pool if method(c) == chosen), key=by_loss)
     best["ties"] = len(ties)
     best["lowest_loss_option"] = {"method": method(lowest), "kind": lowest["kind"],
                                   "predicted_loss_increase": lowest["predicted_loss_increase"],
