@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -186,7 +187,7 @@ class _Layers:
     def probs(self, scale: float) -> list[float]:
         return [min(MAX_SKIP_PROB, scale * w) for w in self.weights]
 
-    @property
+    @cached_property
     def mean_factor(self) -> float:
         """Mean of the decay curve over the stage's progress grid: ``p_l(x)`` averages ``p_l * this``."""
         return _mean_over_progress(DECAY_CURVES[self.decay])
