@@ -364,6 +364,13 @@ def test_a_noisier_harsher_ratio_cannot_pull_the_choice_past_the_budget():
     assert sched.stage_named("alignment").tokens == TokenSparsity("uniform", 0.5, 0.5, "constant")
     assert speedup(sched, "alignment") == pytest.approx(2.076, abs=0.001)
     assert choice["lowest_loss_option"]["method"] == "random" and choice["token_loss_se"] == 0.009
+    # Instruction: random drops to the kept fraction that just reaches 1.9x, above its mildest
+    # probe (keep 0.5: 3 x 1.1 x 0.001), so its loss is on the chord from that probe to dense.
+    tok, instr = sched.stage_named("instruction").tokens, sched.source["derivation"]["instruction"]["choice"]
+    kept = round(576 * tok.keep_ratio) / 576
+    assert tok.method == "random" and 0.5 < tok.keep_ratio < 0.6 and instr["interpolated_between"] == [0.5, 1.0]
+    assert instr["token_loss_delta"] == pytest.approx(_chord((0.5, 3.3 * 0.001), (1.0, 0.0), kept), rel=1e-4)
+    assert 1.9 <= speedup(sched, "instruction") < 1.9 * 1.005
 
 
 def test_predicted_speedup_matches_hand_formula():
