@@ -44,14 +44,15 @@ Rules per stage of the tables (plain, documented choices):
   it, an upper bound where it is convex (the probes measure each halving costlier than the
   one before). Above the mildest probe (keep 0.5 by default) the chord runs to dense (loss
   0): assumed, not measured.
-* **Budget** ``max_loss_increase``: of the measured token options within tolerance (and dense), with
-  the rest of the tolerance spent on layers, the highest predicted speedup (no layers: the
-  cheapest option within tolerance). ``target_speedup``: of the options reaching the target (a
-  measured token option, or the keep ratio that reaches the target alone, or any milder kept
-  fraction (every uniform-pooled grid of a square grid, else steps of 1/32), each plus just
-  enough layer skipping), the smallest predicted loss (but see probe noise); the chosen
-  option's predicted loss is recorded as the derived tolerance. Unknown layer loss ranks worse
-  than any known loss.
+* **Options**: dense tokens, each measured token option, and each kept fraction between the
+  harshest probe and dense (every uniform-pooled grid of a square grid, else steps of 1/32),
+  plus with ``target_speedup`` the keep ratio that reaches the target alone.
+* **Budget** ``max_loss_increase``: of the token options within tolerance, with the rest of
+  the tolerance spent on layers, the highest predicted speedup (no layers: the cheapest
+  option within tolerance). ``target_speedup``: of the token options plus just enough layer
+  skipping that reach the target, the smallest predicted loss (but see probe noise); the
+  chosen option's predicted loss is recorded as the derived tolerance. Unknown layer loss
+  ranks worse than any known loss.
 * **Probe noise** (``target_speedup``): an option's standard error is its token probe's
   (``compress_loss_delta_se``) plus the stage's mean of ``sum_l p_l(x) * se_l`` of the layer probes
   (``skip_loss_delta_se``; summed, an upper bound for any correlation between probes on the

@@ -384,29 +384,32 @@ def _choose(options: list[dict], layer_model: _Layers | None, relax: float, curv
         if budget.max_loss_increase is None or opt["loss_delta"] <= budget.max_loss_increase:
             add("measured token option", opt["method"], opt["keep_ratio"], opt["loss_delta"], None,
                 opt.get("loss_delta_se", 0.0))
+    tolerance = math.inf if budget.max_loss_increase is None else budget.max_loss_increase
+    for method in sorted({o["method"] for o in options}):
+        measured = {o["keep_ratio"]: o for o in options if o["method"] == method}
+        # the probes' points by the fraction of tokens they kept (a pooled grid keeps k*k)
+        points = {1.0: (0.0, 0.0)}
+        for r in sorted(measured, reverse=True):
+            points[kept_frac(method, r)] = (measured[r]["loss_delta"], measured[r].get("loss_delta_se", 0.0))
+
+        def key(r: float) -> tuple:  # same kept tokens over the whole stage: the same option
+            tok = _tokens(method, r, relax, curve)
+            return _kept_visual(method, n_visual, r), tok.keep_ratio_end if relax > 1.0 else None
+
+        ratio = None if budget.target_speedup is None else _ratio_for_target(
+            method, min(measured), relax, curve, budget.target_speedup, cost_args)
+        seen = {key(r) for r in measured}
+        for r in ([] if ratio is None else [ratio]) + _ratio_grid(n_visual):  # and milder ones
+            if r < max(ratio or 0.0, min(measured)) - 1e-12 or kept_frac(method, r) >= 1.0 or key(r) in seen:
+                continue
+            seen.add(key(r))
+            # constant: the kept fraction itself (4 decimals keep the kept count)
+            r = round(kept_frac(method, r), 4) if relax <= 1.0 else r
+            point = _interpolated(points, kept_frac(method, r))
+            # (a pooled grid can fall below the harshest measured ratio)
+            if point is not None and point[0] <= tolerance:
+                add("token ratio between measured ones", method, r, point[0], point[2], point[1])
     if budget.target_speedup is not None:
-        for method in sorted({o["method"] for o in options}):
-            measured = {o["keep_ratio"]: o for o in options if o["method"] == method}
-            # the probes' points by the fraction of tokens they kept (a pooled grid keeps k*k)
-            points = {1.0: (0.0, 0.0)}
-            for r in sorted(measured, reverse=True):
-                points[kept_frac(method, r)] = (measured[r]["loss_delta"], measured[r].get("loss_delta_se", 0.0))
-
-            def key(r: float) -> tuple:  # same kept tokens over the whole stage: the same option
-                tok = _tokens(method, r, relax, curve)
-                return _kept_visual(method, n_visual, r), tok.keep_ratio_end if relax > 1.0 else None
-
-            ratio = _ratio_for_target(method, min(measured), relax, curve, budget.target_speedup, cost_args)
-            seen = {key(r) for r in measured}
-            for r in ([] if ratio is None else [ratio]) + _ratio_grid(n_visual):  # and milder ones
-                if r < max(ratio or 0.0, min(measured)) - 1e-12 or kept_frac(method, r) >= 1.0 or key(r) in seen:
-                    continue
-                seen.add(key(r))
-                # constant: the kept fraction itself (4 decimals keep the kept count)
-                r = round(kept_frac(method, r), 4) if relax <= 1.0 else r
-                point = _interpolated(points, kept_frac(method, r))
-                if point is not None:  # (a pooled grid can fall below the harshest measured ratio)
-                    add("token ratio between measured ones", method, r, point[0], point[2], point[1])
         target = budget.target_speedup
         met = [c for c in candidates if c["predicted_speedup"] >= target * (1 - 1e-9)]
         if met:

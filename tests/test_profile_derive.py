@@ -137,15 +137,25 @@ def test_skip_probabilities_follow_measured_sensitivity():
 
 def test_tolerance_budget_picks_smallest_keep_ratio_within_tolerance():
     # Alignment max deltas (x1.1): merge 0.25 -> 0.0275, uniform 0.25 -> 0.033, merge 0.5 -> 0.0088.
-    cases = {0.03: ("merge", 0.25), 0.02: ("merge", 0.5), 0.005: (None, None)}
-    for tol, (method, ratio) in cases.items():
+    # Between probes (and from keep 0.5 to dense) a kept fraction k*k/576 takes the chord: at
+    # 0.02 merge keeps 15x15 (0.0170; 14x14 would be 0.0207), at 0.005 21x21 (0.0041; 20x20:
+    # 0.0054); at 0.001 even 23x23 (0.0014) is too lossy.
+    merge = {0.25: 0.0275, 0.5: 0.0088, 1.0: 0.0}
+    cases = {0.03: ("merge", 0.25, (0.25, 0.25)), 0.02: ("merge", 15 ** 2 / 576, (0.25, 0.5)),
+             0.005: ("merge", 21 ** 2 / 576, (0.5, 1.0)), 0.001: (None, None, None)}
+    for tol, (method, ratio, ends) in cases.items():
         tokens = derive(Budget(max_loss_increase=tol)).stage_named("alignment").tokens
         if method is None:
             assert tokens is None
             continue
         assert (tokens.method, tokens.keep_ratio) == (method, ratio)
+        if ends[0] != ends[1]:
+            lo, hi = ends
+            assert _chord((lo, merge[lo]), (hi, merge[hi]), ratio) <= tol
+            harsher = (round(math.sqrt(ratio) * 24) - 1) ** 2 / 576
+            assert _chord((lo, merge[lo]), (hi, merge[hi]), harsher) > tol
         # mergeable_frac 0.6 -> 0.4: distinct tokens 0.4 -> 0.6, linearly: end = ratio * 1.5.
-        assert tokens.keep_ratio_end == pytest.approx(ratio * 1.5) and tokens.curve == "linear"
+        assert tokens.keep_ratio_end == pytest.approx(min(1.0, ratio * 1.5), abs=1e-4) and tokens.curve == "linear"
     # Instruction: the predicted loss (token delta + the stage's mean of sum p_l(x) * delta_l)
     # stays within tolerance. Its skipping decays linearly: p_l(x) averages p_l / 2.
     sched = derive(Budget(max_loss_increase=0.03))
