@@ -400,12 +400,14 @@ def _choose(options: list[dict], layer_model: _Layers | None, relax: float, curv
             method, min(measured), relax, curve, budget.target_speedup, cost_args)
         seen = {key(r) for r in measured}
         for r in ([] if ratio is None else [ratio]) + _ratio_grid(n_visual):  # and milder ones
-            if r < max(ratio or 0.0, min(measured)) - 1e-12 or kept_frac(method, r) >= 1.0 or key(r) in seen:
+            option = key(r)
+            if r < max(ratio or 0.0, min(measured)) - 1e-12 or option[0] >= n_visual or option in seen:
                 continue
-            seen.add(key(r))
+            seen.add(option)
+            frac = option[0] / n_visual
             # constant: the kept fraction itself (4 decimals keep the kept count)
-            r = round(kept_frac(method, r), 4) if relax <= 1.0 else r
-            point = _interpolated(points, kept_frac(method, r))
+            r = round(frac, 4) if relax <= 1.0 else r
+            point = _interpolated(points, frac)
             # (a pooled grid can fall below the harshest measured ratio)
             if point is not None and point[0] <= tolerance:
                 add("token ratio between measured ones", method, r, point[0], point[2], point[1])
@@ -437,18 +439,17 @@ def _prefer_within_noise(met: list[dict]) -> dict:
     ``sqrt(se_a^2 + se_b^2)`` treats two candidates' probes as independent; they share the
     calibration samples, so their errors correlate and the margin is conservative (wider).
     """
-    known = min(c["unknown_layer_loss"] for c in met)
-    pool = [c for c in met if c["unknown_layer_loss"] == known]
-    lowest = min(pool, key=lambda c: (c["predicted_loss_increase"], c["predicted_speedup"]))
-    ties = [c for c in pool if c["predicted_loss_increase"] - lowest["predicted_loss_increase"]
-            <= TIE_Z * math.hypot(c["predicted_loss_se"], lowest["predicted_loss_se"])]
-
     def method(c: dict) -> str | None:
         return c["tokens"].method if c["tokens"] else None
 
     def by_loss(c: dict) -> tuple:
         return c["predicted_loss_increase"], c["predicted_speedup"]
 
+    known = min(c["unknown_layer_loss"] for c in met)
+    pool = [c for c in met if c["unknown_layer_loss"] == known]
+    lowest = min(pool, key=by_loss)
+    ties = [c for c in pool if c["predicted_loss_increase"] - lowest["predicted_loss_increase"]
+            <= TIE_Z * math.hypot(c["predicted_loss_se"], lowest["predicted_loss_se"])]
     chosen = method(min(ties, key=lambda c: (METHOD_RANK.get(method(c), len(METHOD_RANK)),
                                              c["predicted_loss_increase"])))
     best = min((c for c in pool if method(c) == chosen), key=by_loss)

@@ -51,11 +51,6 @@ def supervised_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[tor
     return F.log_softmax(shift_logits[keep].float(), dim=-1), shift_labels[keep]
 
 
-def nll_sum(log_probs: torch.Tensor, targets: torch.Tensor) -> float:
-    """Sum of ``-log p(target)`` over positions."""
-    return float(-log_probs.gather(-1, targets[:, None]).sum())
-
-
 def rows_nll(log_probs: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row of ``labels``: ``(sum of -log p(target) over its supervised positions, their
     count)``, from :func:`supervised_logprobs`' output for those labels."""
@@ -106,15 +101,14 @@ class ProbeRunner:
         self.compressor = TokenCompressor(model, parts, pad_token_id)
         self.compressor.force = True
         self.notes: list[str] = []
-        self._tokens = 0
-        self._dense = 0.0
-        self._skip = {layer: [0.0, 0.0] for layer in range(parts.num_layers)}  # nll, kl sums
-        self._row_skip: dict[int, list[float]] = {layer: [] for layer in self._skip}
-        self._compress = {(m, r): 0.0 for m in self.methods for r in self.keep_ratios}
-        # per calibration sample: supervised tokens, dense NLL sum, NLL sum per (method, ratio)
+        # per calibration sample (the totals are their sums): supervised tokens, dense NLL sum,
+        # NLL sum with each layer skipped and per (method, ratio); KL sums per skipped layer
         self._row_tokens: list[int] = []
         self._row_dense: list[float] = []
-        self._row_compress: dict[tuple[str, float], list[float]] = {key: [] for key in self._compress}
+        self._row_skip: dict[int, list[float]] = {layer: [] for layer in range(parts.num_layers)}
+        self._skip_kl = dict.fromkeys(self._row_skip, 0.0)
+        self._row_compress: dict[tuple[str, float], list[float]] = {
+            (m, r): [] for m in self.methods for r in self.keep_ratios}
         self._failed: set[str] = set()
 
     def _forward(self, batch: dict):
@@ -125,11 +119,8 @@ class ProbeRunner:
         """Accumulate every probe on one batch."""
         labels = batch["labels"]
         dense_lp, targets = supervised_logprobs(dense_logits, labels)
-        n = targets.numel()
-        if n == 0:
+        if targets.numel() == 0:
             return
-        self._tokens += n
-        self._dense += nll_sum(dense_lp, targets)
         dense_rows, row_tokens = rows_nll(dense_lp, targets, labels)
         self._row_tokens += row_tokens.tolist()
         self._row_dense += dense_rows.tolist()
@@ -138,14 +129,11 @@ class ProbeRunner:
                 with self.skipper.skipping({layer}, force=True):
                     logits = self._forward(batch).logits
                 probe_lp, _ = supervised_logprobs(logits, labels)
-                rows, _ = rows_nll(probe_lp, targets, labels)
-                self._skip[layer][0] += float(rows.sum())
-                self._skip[layer][1] += kl_sum(dense_lp, probe_lp)
-                self._row_skip[layer] += rows.tolist()
+                self._row_skip[layer] += rows_nll(probe_lp, targets, labels)[0].tolist()
+                self._skip_kl[layer] += kl_sum(dense_lp, probe_lp)
         if "pixel_values" not in batch:
-            for key in self._compress:  # nothing to compress: the loss is the dense loss
-                self._compress[key] += nll_sum(dense_lp, targets)
-                self._row_compress[key] += dense_rows.tolist()
+            for rows in self._row_compress.values():  # nothing to compress: the loss is the dense loss
+                rows += dense_rows.tolist()
             return
         for method in self.methods:
             if method in self._failed:
@@ -166,43 +154,42 @@ class ProbeRunner:
                 rows, counts = rows_nll(*supervised_logprobs(out.logits, out.llm_labels), out.llm_labels)
                 if not torch.equal(counts, row_tokens):
                     raise RuntimeError(f"token probe {method!r} changed the supervised tokens per row")
-                self._compress[(method, ratio)] += float(rows.sum())
                 self._row_compress[(method, ratio)] += rows.tolist()
 
-    def _se(self, rows: list[float]) -> float:
-        return ratio_se([r - d for r, d in zip(rows, self._row_dense)], self._row_tokens)
+    def _delta_and_se(self, rows: list[float]) -> tuple[float, float]:
+        """Loss change over the dense loss of a probe's per-sample NLL sums, and its s.e."""
+        increase = [r - d for r, d in zip(rows, self._row_dense)]
+        return sum(increase) / sum(self._row_tokens), ratio_se(increase, self._row_tokens)
 
     def layer_rows(self) -> list[dict]:
         """Rows ``{layer, token_type="all", metric, value}`` of skip_loss_delta (with its
         skip_loss_delta_se) and skip_kl."""
-        if not self.skip_layers or self._tokens == 0:
+        if not self.skip_layers or not self._row_tokens:
             return []
-        dense = self._dense / self._tokens
         rows = []
-        for layer, (nll, kl) in self._skip.items():
-            rows.append({"layer": layer, "token_type": "all", "metric": "skip_loss_delta",
-                         "value": nll / self._tokens - dense})
-            rows.append({"layer": layer, "token_type": "all", "metric": "skip_loss_delta_se",
-                         "value": self._se(self._row_skip[layer])})
-            rows.append({"layer": layer, "token_type": "all", "metric": "skip_kl", "value": kl / self._tokens})
+        for layer, probe in self._row_skip.items():
+            delta, se = self._delta_and_se(probe)
+            rows += [{"layer": layer, "token_type": "all", "metric": "skip_loss_delta", "value": delta},
+                     {"layer": layer, "token_type": "all", "metric": "skip_loss_delta_se", "value": se},
+                     {"layer": layer, "token_type": "all", "metric": "skip_kl",
+                      "value": self._skip_kl[layer] / sum(self._row_tokens)}]
         return rows
 
     def token_rows(self) -> list[dict]:
         """Rows ``{layer=-1, metric, method, keep_ratio, threshold, value}``: dense_loss, and
         compress_loss_delta with its compress_loss_delta_se per method and keep ratio."""
         nan = math.nan
-        if self._tokens == 0:
+        if not self._row_tokens:
             return []
-        dense = self._dense / self._tokens
         rows = [{"layer": -1, "metric": "dense_loss", "method": "", "keep_ratio": nan,
-                 "threshold": nan, "value": dense}]
-        for (method, ratio), total in self._compress.items():
+                 "threshold": nan, "value": sum(self._row_dense) / sum(self._row_tokens)}]
+        for (method, ratio), probe in self._row_compress.items():
             if method in self._failed:
                 continue
-            rows.append({"layer": -1, "metric": "compress_loss_delta", "method": method,
-                         "keep_ratio": ratio, "threshold": nan, "value": total / self._tokens - dense})
-            rows.append({"layer": -1, "metric": "compress_loss_delta_se", "method": method,
-                         "keep_ratio": ratio, "threshold": nan, "value": self._se(self._row_compress[(method, ratio)])})
+            delta, se = self._delta_and_se(probe)
+            rows += [{"layer": -1, "metric": metric, "method": method, "keep_ratio": ratio, "threshold": nan,
+                      "value": value} for metric, value in (("compress_loss_delta", delta),
+                                                            ("compress_loss_delta_se", se))]
         return rows
 
     def remove(self) -> None:
