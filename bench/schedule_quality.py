@@ -26,7 +26,8 @@ prediction. Every arm is evaluated densely on the held-out splits (evaluate_run)
 
 Wall time is the trainers' wall_time_s summed over both stages (the profile arm's dense run and
 analysis are not in it), and, robust to the shared machine's contention spikes, steps x median
-step time (sts_log.jsonl). Progress goes to stderr; the JSON and a Markdown table to stdout.
+step time (sts_log.jsonl). Each arm also records its training loss at every logging step
+(``train_loss_curve``), and the table its instruction-stage mean. Progress goes to stderr; the JSON and a Markdown table to stdout.
 ``--extend results.json`` adds seeds to an earlier result with the same settings (size, target,
 steps): its per-seed results are kept, only the new seeds run, the summary covers all.
 """
@@ -87,6 +88,14 @@ def median_step_time_s(run_dir: Path) -> float:
     """Steps x median step time (sts_log.jsonl): wall time without the contention spikes."""
     times = [json.loads(line)["step_time_s"] for line in (run_dir / "sts_log.jsonl").read_text().splitlines()]
     return len(times) * statistics.median(times)
+
+
+def train_loss_curve(run_dir: Path) -> list[list[float]]:
+    """``[step, training loss]`` at each logging step (the final checkpoint's trainer_state.json)."""
+    from sts_profile.recipe import final_checkpoint
+
+    history = json.loads((final_checkpoint(run_dir) / "trainer_state.json").read_text())["log_history"]
+    return [[e["step"], float(e["loss"])] for e in history if "loss" in e]
 
 
 def grid_ratios(num_visual_tokens: int) -> list[float]:
@@ -209,6 +218,7 @@ def run_seed(args, seed: int, work: Path) -> dict:
             "loadavg_1m_at_start": load[arm], "answered": quality["answered"],
             **{k: quality[k] for k in ("eval_loss_qa", "answer_accuracy", "eval_loss_captions")},
             "accuracy_vs_dense": vs_dense["difference"], "accuracy_vs_dense_stderr": vs_dense["stderr"],
+            "train_loss_curve": {t: train_loss_curve(home / arm / t) for t in STAGES},
             **info,
             "schedule": arms[arm]["schedule"].to_dict()["stages"] if arm != "dense" else None,
         }
@@ -269,6 +279,15 @@ def summarize(per_seed: dict[int, dict]) -> tuple[dict, dict, str]:
                     f"({100 * r['profile']['accuracy_vs_dense_stderr']:.1f}) | "
                     f"{100 * (r['profile']['answer_accuracy'] - r['paper']['answer_accuracy']):+.1f} | "
                     f"{r['profile']['eval_loss_qa'] - r['paper']['eval_loss_qa']:+.3f} |")
+    if all("train_loss_curve" in r[arm] for r in per_seed.values() for arm in ARMS):
+        # how fast each arm leaves the instruction stage's loss plateau (a 300-step demo run can
+        # sit on it for 50 to 200 steps, and the final quality follows when it leaves)
+        rows += ["", "| arm | instruction training loss, mean over its logged steps (min-max over seeds) |",
+                 "|---|---|"]
+        for arm in ARMS:
+            per = [statistics.mean(v for _, v in r[arm]["train_loss_curve"]["instruction"]) for r in per_seed.values()]
+            means[arm]["instruction_train_loss_mean"] = statistics.mean(per)
+            rows.append(f"| {arm} | {statistics.mean(per):.3f} ({min(per):.3f}-{max(per):.3f}) |")
     return means, verdict, "\n".join(rows)
 
 
