@@ -27,7 +27,10 @@ prediction. Every arm is evaluated densely on the held-out splits (evaluate_run)
 Wall time is the trainers' wall_time_s summed over both stages (the profile arm's dense run and
 analysis are not in it), and, robust to the shared machine's contention spikes, steps x median
 step time (sts_log.jsonl). Each arm also records its training loss at every logging step
-(``train_loss_curve``), and the table its instruction-stage mean. Progress goes to stderr; the JSON and a Markdown table to stdout.
+(``train_loss_curve``: each point the mean since the one before), and a third table gives each
+arm's mean training loss over the instruction stage (when every seed has curves; how early an
+arm leaves a loss plateau shows there). Progress goes to stderr; the JSON and the Markdown
+tables to stdout.
 ``--extend results.json`` adds seeds to an earlier result with the same settings (size, target,
 steps): its per-seed results are kept, only the new seeds run, the summary covers all.
 """
@@ -280,13 +283,12 @@ def summarize(per_seed: dict[int, dict]) -> tuple[dict, dict, str]:
                     f"{100 * (r['profile']['answer_accuracy'] - r['paper']['answer_accuracy']):+.1f} | "
                     f"{r['profile']['eval_loss_qa'] - r['paper']['eval_loss_qa']:+.3f} |")
     if all("train_loss_curve" in r[arm] for r in per_seed.values() for arm in ARMS):
-        # how fast each arm leaves the instruction stage's loss plateau (a 300-step demo run can
-        # sit on it for 50 to 200 steps, and the final quality follows when it leaves)
-        rows += ["", "| arm | instruction training loss, mean over its logged steps (min-max over seeds) |",
-                 "|---|---|"]
+        # how early each arm leaves a loss plateau (if the instruction stage has one)
+        rows += ["", "| arm | mean training loss over the instruction stage (min-max over seeds) |", "|---|---|"]
         for arm in ARMS:
             per = [statistics.mean(v for _, v in r[arm]["train_loss_curve"]["instruction"]) for r in per_seed.values()]
             means[arm]["instruction_train_loss_mean"] = statistics.mean(per)
+            means[arm]["range_over_seeds"]["instruction_train_loss_mean"] = [min(per), max(per)]
             rows.append(f"| {arm} | {statistics.mean(per):.3f} ({min(per):.3f}-{max(per):.3f}) |")
     return means, verdict, "\n".join(rows)
 
@@ -321,7 +323,10 @@ def main(argv: list[str] | None = None) -> int:
               "loadavg_1m_start": load_start, "loadavg_1m_end": os.getloadavg()[0], "cpu_count": os.cpu_count()}
     per_seed, config = merge_earlier(earlier, args.extend, per_seed, config)
     means, verdict, table = summarize(per_seed)
-    notes = [f"seed {s}: {arm} needed uniform pooling in instruction too (keep ratio "
+    without_curves = [str(s) for s, r in per_seed.items() if "train_loss_curve" not in r["dense"]]
+    notes = [f"seeds {', '.join(without_curves)} have no train_loss_curve (run before it was recorded):"
+             " the training-loss table is left out"] if without_curves else []
+    notes += [f"seed {s}: {arm} needed uniform pooling in instruction too (keep ratio "
              f"{r[arm]['keep_ratio_instruction']:.3f}): layers alone cannot reach the budget"
              for s, r in per_seed.items() for arm in ("paper", "uniform") if r[arm]["instruction_pooling_added"]]
     result = {"arms": means, "per_seed": per_seed, "targets": verdict, "notes": notes, "table": table,
