@@ -235,6 +235,11 @@ METRICS = ("flops_vs_dense", "predicted_flops_vs_dense", "wall_vs_dense", "media
            "eval_loss_qa", "answer_accuracy", "eval_loss_captions")
 
 
+def seeds_without_curves(per_seed: dict[int, dict]) -> list[str]:
+    """Seeds run before ``train_loss_curve`` was recorded (the training-loss table leaves them out)."""
+    return [str(s) for s, r in per_seed.items() if any("train_loss_curve" not in r[arm] for arm in ARMS)]
+
+
 def summarize(per_seed: dict[int, dict]) -> tuple[dict, dict, str]:
     """Per-arm means (and min/max over seeds), the targets verdict and the Markdown table."""
     means = {arm: {m: statistics.mean(r[arm][m] for r in per_seed.values()) for m in METRICS} for arm in ARMS}
@@ -282,14 +287,14 @@ def summarize(per_seed: dict[int, dict]) -> tuple[dict, dict, str]:
                     f"({100 * r['profile']['accuracy_vs_dense_stderr']:.1f}) | "
                     f"{100 * (r['profile']['answer_accuracy'] - r['paper']['answer_accuracy']):+.1f} | "
                     f"{r['profile']['eval_loss_qa'] - r['paper']['eval_loss_qa']:+.3f} |")
-    if all("train_loss_curve" in r[arm] for r in per_seed.values() for arm in ARMS):
+    if not seeds_without_curves(per_seed):
         # how early each arm leaves a loss plateau (if the instruction stage has one)
         rows += ["", "| arm | mean training loss over the instruction stage (min-max over seeds) |", "|---|---|"]
         for arm in ARMS:
             per = [statistics.mean(v for _, v in r[arm]["train_loss_curve"]["instruction"]) for r in per_seed.values()]
-            means[arm]["instruction_train_loss_mean"] = statistics.mean(per)
+            mean = means[arm]["instruction_train_loss_mean"] = statistics.mean(per)
             means[arm]["range_over_seeds"]["instruction_train_loss_mean"] = [min(per), max(per)]
-            rows.append(f"| {arm} | {statistics.mean(per):.3f} ({min(per):.3f}-{max(per):.3f}) |")
+            rows.append(f"| {arm} | {mean:.3f} ({min(per):.3f}-{max(per):.3f}) |")
     return means, verdict, "\n".join(rows)
 
 
@@ -323,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
               "loadavg_1m_start": load_start, "loadavg_1m_end": os.getloadavg()[0], "cpu_count": os.cpu_count()}
     per_seed, config = merge_earlier(earlier, args.extend, per_seed, config)
     means, verdict, table = summarize(per_seed)
-    without_curves = [str(s) for s, r in per_seed.items() if "train_loss_curve" not in r["dense"]]
+    without_curves = seeds_without_curves(per_seed)
     notes = [f"seeds {', '.join(without_curves)} have no train_loss_curve (run before it was recorded):"
              " the training-loss table is left out"] if without_curves else []
     notes += [f"seed {s}: {arm} needed uniform pooling in instruction too (keep ratio "
