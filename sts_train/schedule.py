@@ -16,18 +16,17 @@ key path (``schedule.stages[1].tokens.keep_ratio``) to the messages.
 from __future__ import annotations
 
 import copy
-import difflib
 import math
-import numbers
 import os
 import random
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import yaml
 
+from sts_train import schedule_fields as fields
+from sts_train.configtools import atomic_write_text
 from sts_train.errors import ScheduleError
 
 SCHEMA_VERSION = 1
@@ -43,82 +42,12 @@ DECAY_CURVES: dict[str, Callable[[float], float]] = {
 }
 
 
-class _FieldError(ScheduleError):
-    """A bad field, raised by ``__post_init__``; ``from_dict`` re-raises it with the key path."""
-
-    def __init__(self, owner: str, key: str, problem: str) -> None:
-        self.key, self.problem = key, problem
-        super().__init__(f"{owner}.{key} {problem}")
-
-
-def _build(where: str, fn: Callable[..., Any], **kwargs: Any) -> Any:
-    """Call ``fn`` (a class or checker), putting the key path ``where`` into its field errors."""
-    try:
-        return fn(**kwargs)
-    except _FieldError as exc:
-        raise ScheduleError(f"{where}.{exc.key} {exc.problem}") from None
-
-
-def _names(options: Any) -> str:
-    return ", ".join(options)
-
-
-def _choice(owner: str, key: str, value: Any, options: Any) -> None:
-    if not isinstance(value, str) or value not in options:
-        raise _FieldError(owner, key, f"= {value!r} is not known; use one of: {_names(options)}")
-
-
-def _number(owner: str, key: str, value: Any, lo: float, hi: float, interval: str) -> float:
-    """Check ``value`` is a real number inside ``interval`` (bounds ``lo``/``hi``) and return it."""
-    if not isinstance(value, numbers.Real) or isinstance(value, bool):
-        raise _FieldError(owner, key, f"= {value!r} is not a number; write a number in {interval}")
-    value = float(value)
-    lo_ok = value > lo if interval.startswith("(") else value >= lo
-    hi_ok = value < hi if interval.endswith(")") else value <= hi
-    if not (lo_ok and hi_ok):
-        raise _FieldError(owner, key, f"= {value!r} is outside {interval}; write a number in {interval}")
-    return value
-
-
-def _integer(owner: str, key: str, value: Any, minimum: int | None = None) -> int:
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-        raise _FieldError(owner, key, f"= {value!r} is not an integer; write a whole number")
-    if minimum is not None and value < minimum:
-        raise _FieldError(owner, key, f"= {value!r} is below {minimum}; write an integer >= {minimum}")
-    return int(value)
-
-
-def _plan_arg(key: str, value: Any, minimum: int) -> int:
-    return _build("plan", _integer, owner="plan", key=key, value=value, minimum=minimum)
-
-
-def _sequence(owner: str, key: str, value: Any, example: str) -> tuple:
-    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
-        raise _FieldError(owner, key, f"= {value!r} is not a list; write e.g. {example}")
-    return tuple(value)
-
-
 def _schema_version(owner: str, value: Any) -> int:
-    version = _integer(owner, "schema_version", value, minimum=1)
+    version = fields.integer(owner, "schema_version", value, minimum=1)
     if version > SCHEMA_VERSION:
-        raise _FieldError(owner, "schema_version", (
+        raise fields.FieldError(owner, "schema_version", (
             f"= {version} is newer than this sts version supports ({SCHEMA_VERSION}); upgrade sts"))
     return version
-
-
-def _mapping(d: Any, where: str, allowed: tuple[str, ...], required: tuple[str, ...] = ()) -> dict:
-    """Check ``d`` is a mapping with only ``allowed`` keys and all ``required`` ones."""
-    if not isinstance(d, Mapping):
-        raise ScheduleError(f"{where} must be a mapping with keys {_names(allowed)} (got {type(d).__name__})")
-    for key in d:
-        if key not in allowed:
-            close = difflib.get_close_matches(str(key), allowed, n=1)
-            hint = f"did you mean {close[0]}? " if close else ""
-            raise ScheduleError(f"{where}.{key} is not a known key; {hint}allowed keys: {_names(allowed)}")
-    for key in required:
-        if key not in d:
-            raise ScheduleError(f"{where}.{key} is missing; add it (allowed keys: {_names(allowed)})")
-    return dict(d)
 
 
 @dataclass(frozen=True)
@@ -129,16 +58,16 @@ class StepRange:
     end: int
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "start", _integer("StepRange", "start", self.start, minimum=0))
-        object.__setattr__(self, "end", _integer("StepRange", "end", self.end))
+        object.__setattr__(self, "start", fields.integer("StepRange", "start", self.start, minimum=0))
+        object.__setattr__(self, "end", fields.integer("StepRange", "end", self.end))
         if self.end <= self.start:
             problem = f"= {self.end} is not after start = {self.start}; make end > start"
-            raise _FieldError("StepRange", "end", problem)
+            raise fields.FieldError("StepRange", "end", problem)
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "steps") -> StepRange:
-        d = _mapping(d, where, ("start", "end"), required=("start", "end"))
-        return _build(where, cls, **d)
+        d = fields.mapping(d, where, ("start", "end"), required=("start", "end"))
+        return fields.build(where, cls, **d)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -158,11 +87,11 @@ class TokenSparsity:
 
     def __post_init__(self) -> None:
         owner = "TokenSparsity"
-        _choice(owner, "method", self.method, TOKEN_METHODS)
-        ratio = _number(owner, "keep_ratio", self.keep_ratio, 0.0, 1.0, "(0, 1]")
+        fields.choice(owner, "method", self.method, TOKEN_METHODS)
+        ratio = fields.number(owner, "keep_ratio", self.keep_ratio, 0.0, 1.0, "(0, 1]")
         end = ratio if self.keep_ratio_end is None else self.keep_ratio_end
-        end = _number(owner, "keep_ratio_end", end, 0.0, 1.0, "(0, 1]")
-        _choice(owner, "curve", self.curve, DECAY_CURVES)
+        end = fields.number(owner, "keep_ratio_end", end, 0.0, 1.0, "(0, 1]")
+        fields.choice(owner, "curve", self.curve, DECAY_CURVES)
         object.__setattr__(self, "keep_ratio", ratio)
         object.__setattr__(self, "keep_ratio_end", end)
 
@@ -174,8 +103,8 @@ class TokenSparsity:
     @classmethod
     def from_dict(cls, d: Any, where: str = "tokens") -> TokenSparsity:
         allowed = ("method", "keep_ratio", "keep_ratio_end", "curve")
-        d = _mapping(d, where, allowed, required=("method", "keep_ratio"))
-        return _build(where, cls, **d)
+        d = fields.mapping(d, where, allowed, required=("method", "keep_ratio"))
+        return fields.build(where, cls, **d)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -203,43 +132,43 @@ class LayerSparsity:
 
     def __post_init__(self) -> None:
         owner = "LayerSparsity"
-        _choice(owner, "policy", self.policy, LAYER_POLICIES)
+        fields.choice(owner, "policy", self.policy, LAYER_POLICIES)
         paper = self.policy == "paper"
         own, other = ("alpha", "eps"), ("skip_prob",)
         if not paper:
             own, other = other, own
         for key in other:
             if getattr(self, key) is not None:
-                raise _FieldError(owner, key, f"is not used by policy {self.policy}; remove it")
+                raise fields.FieldError(owner, key, f"is not used by policy {self.policy}; remove it")
         for key in own:
             if getattr(self, key) is None:
-                raise _FieldError(owner, key, f"is missing; policy {self.policy} needs it, add it")
+                raise fields.FieldError(owner, key, f"is missing; policy {self.policy} needs it, add it")
         if paper:
-            alpha = _number(owner, "alpha", self.alpha, 0.0, math.inf, "[0, inf)")
-            eps = _number(owner, "eps", self.eps, -1.0, 1.0, "[-1, 1]")
+            alpha = fields.number(owner, "alpha", self.alpha, 0.0, math.inf, "[0, inf)")
+            eps = fields.number(owner, "eps", self.eps, -1.0, 1.0, "[-1, 1]")
             if alpha * (1.0 + abs(eps)) >= 1.0:
-                raise _FieldError(owner, "alpha", (
+                raise fields.FieldError(owner, "alpha", (
                     f"= {alpha} with eps = {eps} gives alpha*(1+|eps|) = {alpha * (1 + abs(eps)):.4g}"
                     " >= 1, so a skip probability would reach 1; lower alpha or |eps|"))
             if self.decay not in (None, "quadratic"):
-                raise _FieldError(owner, "decay", (
+                raise fields.FieldError(owner, "decay", (
                     f"= {self.decay!r} does not apply to policy paper, which decays as (1-x)**2;"
                     " remove decay or use policy per_layer"))
             object.__setattr__(self, "alpha", alpha)
             object.__setattr__(self, "eps", eps)
             object.__setattr__(self, "decay", "quadratic")
         else:
-            probs = _sequence(owner, "skip_prob", self.skip_prob, "[0.0, 0.3] (one per layer)")
+            probs = fields.sequence(owner, "skip_prob", self.skip_prob, "[0.0, 0.3] (one per layer)")
             probs = tuple(
-                _number(owner, f"skip_prob[{i}]", p, 0.0, 1.0, "[0, 1)") for i, p in enumerate(probs))
+                fields.number(owner, f"skip_prob[{i}]", p, 0.0, 1.0, "[0, 1)") for i, p in enumerate(probs))
             if not probs:
-                raise _FieldError(owner, "skip_prob", "is empty; give one probability per layer")
+                raise fields.FieldError(owner, "skip_prob", "is empty; give one probability per layer")
             decay = "linear" if self.decay is None else self.decay
-            _choice(owner, "decay", decay, DECAY_CURVES)
+            fields.choice(owner, "decay", decay, DECAY_CURVES)
             object.__setattr__(self, "skip_prob", probs)
             object.__setattr__(self, "decay", decay)
-        never = _sequence(owner, "never_skip", self.never_skip, "[0, -1]")
-        never = tuple(_integer(owner, f"never_skip[{i}]", v) for i, v in enumerate(never))
+        never = fields.sequence(owner, "never_skip", self.never_skip, "[0, -1]")
+        never = tuple(fields.integer(owner, f"never_skip[{i}]", v) for i, v in enumerate(never))
         object.__setattr__(self, "never_skip", never)
 
     def check_model(self, num_layers: int, where: str = "layers", stage: str | None = None) -> None:
@@ -290,8 +219,8 @@ class LayerSparsity:
     @classmethod
     def from_dict(cls, d: Any, where: str = "layers") -> LayerSparsity:
         allowed = ("policy", "alpha", "eps", "skip_prob", "decay", "never_skip")
-        d = _mapping(d, where, allowed, required=("policy",))
-        return _build(where, cls, **d)
+        d = fields.mapping(d, where, allowed, required=("policy",))
+        return fields.build(where, cls, **d)
 
     def to_dict(self) -> dict:
         if self.policy == "paper":
@@ -313,20 +242,20 @@ class Stage:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
-            raise _FieldError("Stage", "name", f"= {self.name!r} is empty or not text; name the stage")
+            raise fields.FieldError("Stage", "name", f"= {self.name!r} is empty or not text; name the stage")
         for key, kind in (("steps", StepRange), ("tokens", TokenSparsity), ("layers", LayerSparsity)):
             value = getattr(self, key)
             if value is not None and not isinstance(value, kind):
-                raise _FieldError("Stage", key, f"is a {type(value).__name__}, not a {kind.__name__}")
+                raise fields.FieldError("Stage", key, f"is a {type(value).__name__}, not a {kind.__name__}")
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "stage") -> Stage:
-        d = _mapping(d, where, ("name", "steps", "tokens", "layers"), required=("name",))
+        d = fields.mapping(d, where, ("name", "steps", "tokens", "layers"), required=("name",))
         parts = {
             key: None if d.get(key) is None else kind.from_dict(d[key], f"{where}.{key}")
             for key, kind in (("steps", StepRange), ("tokens", TokenSparsity), ("layers", LayerSparsity))
         }
-        return _build(where, cls, name=d["name"], **parts)
+        return fields.build(where, cls, name=d["name"], **parts)
 
     def to_dict(self) -> dict:
         d: dict = {"name": self.name}
@@ -365,24 +294,24 @@ class Schedule:
         owner = "Schedule"
         object.__setattr__(self, "schema_version", _schema_version(owner, self.schema_version))
         if not isinstance(self.source, Mapping):
-            raise _FieldError(owner, "source", f"is a {type(self.source).__name__}; make it a mapping")
+            raise fields.FieldError(owner, "source", f"is a {type(self.source).__name__}; make it a mapping")
         if not isinstance(self.stages, (list, tuple)) or not self.stages:
-            raise _FieldError(owner, "stages", "is empty or not a list; list at least one stage")
+            raise fields.FieldError(owner, "stages", "is empty or not a list; list at least one stage")
         object.__setattr__(self, "source", copy.deepcopy(dict(self.source)))
         object.__setattr__(self, "stages", tuple(self.stages))
         seen: dict[str, int] = {}
         for i, stage in enumerate(self.stages):
             if not isinstance(stage, Stage):
-                raise _FieldError(owner, f"stages[{i}]", f"is a {type(stage).__name__}, not a Stage")
+                raise fields.FieldError(owner, f"stages[{i}]", f"is a {type(stage).__name__}, not a Stage")
             if stage.name in seen:
-                raise _FieldError(owner, f"stages[{i}].name", (
+                raise fields.FieldError(owner, f"stages[{i}].name", (
                     f"= {stage.name!r} repeats stages[{seen[stage.name]}].name; give each stage a unique"
                     " name"))
             seen[stage.name] = i
         ranged = [s.steps is not None for s in self.stages]
         if any(ranged) and not all(ranged):
             i = ranged.index(False)
-            raise _FieldError(owner, f"stages[{i}].steps", (
+            raise fields.FieldError(owner, f"stages[{i}].steps", (
                 f"is missing for stage {self.stages[i].name!r} while other stages have steps;"
                 " give every stage steps or none"))
         for i in range(1, len(self.stages) if all(ranged) else 0):
@@ -391,11 +320,11 @@ class Schedule:
             where = f"stages[{i}].steps.start"
             desc = f"stages[{i - 1}] {prev.name!r} (steps [{a.start}, {a.end}))"
             if b.start < a.start:
-                raise _FieldError(owner, where, (
+                raise fields.FieldError(owner, where, (
                     f"= {b.start} of stage {cur.name!r} comes before {desc}: stages are unordered;"
                     " list stages in step order"))
             if b.start < a.end:
-                raise _FieldError(owner, where, (
+                raise fields.FieldError(owner, where, (
                     f"= {b.start} of stage {cur.name!r} is inside {desc}: stages are overlapping;"
                     f" start it at {a.end} or later"))
 
@@ -409,7 +338,7 @@ class Schedule:
         for stage in self.stages:
             if stage.name == name:
                 return stage
-        names = _names(s.name for s in self.stages)
+        names = fields.names(s.name for s in self.stages)
         raise ScheduleError(f"schedule has no stage named {name!r}; available stages: {names}")
 
     def stage_at(self, step: int) -> Stage | None:
@@ -451,8 +380,8 @@ class Schedule:
             ScheduleError: unknown or missing stage name, missing total_steps, bad arguments,
                 or a layer policy that does not fit ``num_layers``.
         """
-        _plan_arg("step", step, minimum=0)
-        _plan_arg("num_layers", num_layers, minimum=1)
+        fields.plan_arg("step", step, minimum=0)
+        fields.plan_arg("num_layers", num_layers, minimum=1)
         if stage is not None:
             chosen = self.stage_named(stage)
         elif self.ranged:
@@ -464,7 +393,7 @@ class Schedule:
         else:
             raise ScheduleError(
                 f"schedule has {len(self.stages)} stages without steps ranges"
-                f" ({_names(s.name for s in self.stages)}); pass a stage name (--stage)"
+                f" ({fields.names(s.name for s in self.stages)}); pass a stage name (--stage)"
             )
         if chosen.steps is not None:
             progress = (step - chosen.steps.start) / (chosen.steps.end - chosen.steps.start)
@@ -474,7 +403,7 @@ class Schedule:
                 " pass the number of optimizer steps in this run"
             )
         else:
-            progress = step / _plan_arg("total_steps", total_steps, minimum=1)
+            progress = step / fields.plan_arg("total_steps", total_steps, minimum=1)
         progress = min(max(progress, 0.0), 1.0)
         if chosen.layers is None:
             skip = (0.0,) * num_layers
@@ -500,8 +429,8 @@ class Schedule:
         """
         # Check the version first: a newer file may use keys this version does not know.
         if isinstance(d, Mapping) and "schema_version" in d:
-            _build(where, _schema_version, owner="Schedule", value=d["schema_version"])
-        d = _mapping(d, where, ("schema_version", "source", "stages"))
+            fields.build(where, _schema_version, owner="Schedule", value=d["schema_version"])
+        d = fields.mapping(d, where, ("schema_version", "source", "stages"))
         if "schema_version" not in d:
             raise ScheduleError(
                 f"{where}.schema_version is missing; add `schema_version: {SCHEMA_VERSION}` at the top")
@@ -512,7 +441,7 @@ class Schedule:
         if not isinstance(stages, list) or not stages:
             raise ScheduleError(f"{where}.stages must be a non-empty list of stages; add at least one")
         built = tuple(Stage.from_dict(s, f"{where}.stages[{i}]") for i, s in enumerate(stages))
-        return _build(where, cls, schema_version=d["schema_version"], source=source, stages=built)
+        return fields.build(where, cls, schema_version=d["schema_version"], source=source, stages=built)
 
     def to_dict(self) -> dict:
         return {
@@ -591,17 +520,5 @@ def dump_schedule(schedule: Schedule, path: str | os.PathLike, overwrite: bool =
     path = Path(path)
     if path.exists() and not overwrite:
         raise ScheduleError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = yaml.dump(schedule.to_dict(), Dumper=_Dumper, sort_keys=False, allow_unicode=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_text(path, text)
