@@ -126,7 +126,7 @@ def load_run_config(path: str | Path, overrides: dict | None = None) -> RunConfi
     Raises:
         StsError: missing file, broken YAML, unknown keys, bad values (message names the key).
     """
-    data = read_yaml(path, "run config") or {}
+    data = read_yaml(path, "run config file") or {}
     if not isinstance(data, dict):
         raise StsError(f"{path}: a run config must be a mapping; see `sts-train train --help`")
     for dotted, value in (overrides or {}).items():

@@ -128,17 +128,27 @@ def to_mapping(obj: Any) -> Any:
     return obj
 
 
-def read_yaml(path: str | Path, what: str) -> Any:
-    """Read a YAML file; missing file or broken YAML -> one-line :class:`StsError`."""
+def read_yaml(path: str | Path, what: str, error: type[StsError] = StsError) -> Any:
+    """Read a YAML file; a folder, a missing file, non-UTF-8 bytes or broken YAML raise one line.
+
+    Args:
+        what: how the messages name the expected file, e.g. ``"schedule.yaml"``.
+        error: the :class:`StsError` subclass to raise.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise error(f"{path}: is a folder; pass the path of the {what} inside it")
     if not path.is_file():
-        raise StsError(f"{path}: no such {what} file; check the path")
+        raise error(f"{path}: no such file; pass the path of a {what}")
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise StsError(f"{path}: not valid YAML{where}; fix the file") from None
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise error(f"{path}: broken YAML{at}: {problem}; fix the file's syntax") from None
+    except UnicodeDecodeError:
+        raise error(f"{path}: not UTF-8 text; pass the path of a {what}") from None
 
 
 def atomic_write_text(path: str | Path, text: str, overwrite: bool = True) -> Path:

@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping
 import yaml
 
 from sts_train import schedule_fields as fields
-from sts_train.configtools import atomic_write_text
+from sts_train.configtools import atomic_write_text, read_yaml
 from sts_train.errors import ScheduleError
 
 SCHEMA_VERSION = 1
@@ -485,20 +485,7 @@ def load_schedule(path: str | os.PathLike) -> Schedule:
         ScheduleError: missing file, broken YAML, or a contract violation; the message starts
             with the path.
     """
-    path = Path(path)
-    if path.is_dir():
-        raise ScheduleError(f"{path}: is a folder; pass the path of the schedule.yaml inside it")
-    if not path.is_file():
-        raise ScheduleError(f"{path}: no such file; pass the path of a schedule.yaml")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or type(exc).__name__
-        raise ScheduleError(f"{path}: broken YAML{at}: {problem}; fix the file's syntax") from None
-    except UnicodeDecodeError:
-        raise ScheduleError(f"{path}: not UTF-8 text; pass the path of a schedule.yaml") from None
+    data = read_yaml(path, "schedule.yaml", error=ScheduleError)
     if not isinstance(data, Mapping):
         got = "empty" if data is None else f"a {type(data).__name__}"
         raise ScheduleError(f"{path}: top level is {got}, not a mapping; start it with `schema_version: 1`")

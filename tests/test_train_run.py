@@ -219,6 +219,25 @@ def test_unknown_config_key(run_setup):
     assert res.exit_code == 2 and "config.training.max_stepz: unknown key" in res.output
 
 
+@pytest.mark.parametrize("case, message", [
+    ("folder", "is a folder; pass the path of the run config file inside it"),
+    ("missing", "no such file; pass the path of a run config file"),
+    ("binary", "not UTF-8 text; pass the path of a run config file"),
+    ("broken", "broken YAML at line 2, column 6: expected ',' or ']'"),
+])
+def test_unreadable_run_config_is_one_line(tmp_path, case, message):
+    path = tmp_path / "run.yaml"
+    if case == "folder":
+        path.mkdir()
+    elif case == "binary":
+        path.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    elif case == "broken":
+        path.write_text("training: [1, 2\nmodel: {size: test}\n")
+    res = _cli(["train", path])
+    assert res.exit_code == 2 and message in res.output
+    assert "Traceback" not in res.output and res.output.count("\n") == 1
+
+
 def test_gradient_accumulation_has_one_plan_per_optimizer_step(run_setup):
     tmp, cfg = run_setup
     cfg["training"] = dict(cfg["training"], max_steps=3, save_steps=3, gradient_accumulation_steps=2)
