@@ -36,7 +36,7 @@ import pandas as pd
 
 from sts_profile import __version__
 from sts_profile import runner
-from sts_train.configtools import atomic_write_text
+from sts_train.configtools import atomic_write_text, check_file_target
 from sts_train.errors import StsError
 
 MANIFEST_FILE = "analysis.json"
@@ -92,6 +92,16 @@ class AnalyzeConfig:
             raise StsError(f"--dtype {self.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
         if not isinstance(self.device, str) or not self.device.split(":")[0] in ("cpu", "cuda", "mps", "xpu"):
             raise StsError(f"--device {self.device!r} is not known; use cpu, cuda or cuda:N")
+        kind, _, index = self.device.partition(":")
+        if kind == "cuda":
+            import torch
+
+            count = torch.cuda.device_count()
+            if count == 0:
+                raise StsError(f"--device {self.device}: no CUDA device is visible; use --device cpu")
+            if index and (not index.isdigit() or int(index) >= count):
+                raise StsError(f"--device {self.device}: {count} CUDA device(s) visible; pass cuda:0 to"
+                               f" cuda:{count - 1}")
         if self.layers_for_attention is not None:
             object.__setattr__(self, "layers_for_attention", tuple(int(i) for i in self.layers_for_attention))
         self.budget()  # validate the budget before any work
@@ -307,6 +317,7 @@ def schedule_from_tables(tables_dir: str | Path, budget, out_path: str | Path, o
     """Derive ``schedule.yaml`` from an analysis folder (``sts-profile schedule``)."""
     from sts_profile.derive import derive_from_tables_dir
 
+    check_file_target(out_path)  # the output first: it costs nothing to check
     Analysis(tables_dir)  # a clear error for a folder that is not an analysis
     return derive_from_tables_dir(tables_dir, budget, out_path, overwrite=overwrite)
 
@@ -324,7 +335,10 @@ class Analysis:
         if not manifest.is_file():
             raise StsError(f"{self.out_dir}: not an analysis folder (no {MANIFEST_FILE}); "
                            "run `sts-profile analyze CKPT_DIR --out DIR` first")
-        self.manifest = json.loads(manifest.read_text())
+        try:
+            self.manifest = json.loads(manifest.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise StsError(f"{manifest}: not valid JSON; re-run `sts-profile analyze` (with --overwrite)") from None
 
     def _table(self, name: str) -> pd.DataFrame:
         df = pd.read_parquet(self.out_dir / f"{name}.parquet")

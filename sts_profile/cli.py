@@ -105,7 +105,8 @@ def recipe(
     size: str = typer.Option("demo", "--size", help="Factory model size: demo, small or test."),
     alignment_steps: Optional[int] = typer.Option(None, help="Optimizer steps of stage 1 (default per size)."),
     instruction_steps: Optional[int] = typer.Option(None, help="Optimizer steps of stage 2 (default per size)."),
-    target_speedup: Optional[float] = typer.Option(2.0, "--target-speedup", help="Schedule budget: FLOPs speedup."),
+    target_speedup: Optional[float] = typer.Option(
+        None, "--target-speedup", help="Schedule budget: FLOPs speedup (--policy profile; default 2.0)."),
     max_loss_increase: Optional[float] = typer.Option(None, "--max-loss-increase",
                                                       help="Schedule budget: tolerated loss increase instead."),
     policy: str = typer.Option("profile", "--policy", help="profile (derived) or paper (fixed formula)."),
@@ -119,7 +120,8 @@ def recipe(
         from sts_profile.recipe import RecipeConfig, run_recipe, test_size
 
         cfg = RecipeConfig(out=str(out), work=str(work), size=size, seed=seed, policy=policy,
-                           target_speedup=None if max_loss_increase is not None else target_speedup,
+                           target_speedup=2.0 if (policy == "profile" and target_speedup is None
+                                                  and max_loss_increase is None) else target_speedup,
                            max_loss_increase=max_loss_increase, overwrite=overwrite)
         if size == "test":
             cfg = test_size(cfg)

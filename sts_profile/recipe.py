@@ -104,10 +104,12 @@ def train_two_stages(cfg: RecipeConfig, data: dict, out: Path, phases: Phases, l
 
 
 def final_checkpoint(run_dir: Path) -> Path:
-    ckpts = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    if not ckpts:
+    from sts_train.modelio import latest_checkpoint
+
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
         raise StsError(f"{run_dir}: no checkpoint-N was written; check save_steps")
-    return ckpts[-1]
+    return latest
 
 
 def evaluate_run(run_dir: Path, data: dict, limit: int | None) -> dict:
@@ -165,17 +167,41 @@ def compare(dense: dict, sparse: dict, dense_eval: dict, sparse_eval: dict, prio
     }
 
 
+def check_recipe(cfg: RecipeConfig) -> None:
+    """Check the size, counts, budget and folders before anything is written or deleted.
+
+    Raises:
+        StsError: one line naming the option and the fix.
+    """
+    from sts_profile.derive import Budget
+    from sts_train.configtools import check_replaceable
+    from sts_train.factory import get_size
+
+    get_size(cfg.size)
+    for key in ("alignment_steps", "instruction_steps", "n_alignment", "n_instruction", "n_eval", "batch_size",
+                "checkpoints_per_stage", "profile_samples"):
+        value = getattr(cfg, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            name = f"--{key.replace('_', '-')}" if key.endswith("_steps") else f"RecipeConfig.{key}"
+            raise StsError(f"{name} = {value!r} must be an integer >= 1; pass a positive count")
+    Budget(target_speedup=cfg.target_speedup, max_loss_increase=cfg.max_loss_increase, policy=cfg.policy)
+    for folder in (cfg.work, cfg.out):
+        check_replaceable(folder)
+
+
 def run_recipe(cfg: RecipeConfig) -> dict:
     """Run the whole recipe; returns the comparison and writes the report under ``cfg.out``.
 
     Raises:
-        StsError: the work or report folder holds a previous recipe (pass ``overwrite``).
+        StsError: a bad size, count or budget (:func:`check_recipe`), or the work or report
+            folder holds a previous recipe (pass ``overwrite``).
     """
     from sts_profile.analysis import AnalyzeConfig, run_analysis
     from sts_profile.compare_report import write_comparison
     from sts_train.shapes import generate_shapes
     from sts_train.factory import get_size
 
+    check_recipe(cfg)
     work, out = Path(cfg.work), Path(cfg.out)
     for folder in (work, out):
         if folder.exists() and any(folder.iterdir()) and not cfg.overwrite:
@@ -218,4 +244,4 @@ def test_size(cfg: RecipeConfig) -> RecipeConfig:
                    instruction_steps=8, batch_size=4, checkpoints_per_stage=2, profile_samples=4)
 
 
-__all__ = ["RecipeConfig", "run_recipe", "train_two_stages", "evaluate_run", "compare", "prior_baseline", "test_size"]
+__all__ = ["RecipeConfig", "check_recipe", "run_recipe", "train_two_stages", "evaluate_run", "compare", "prior_baseline", "test_size"]

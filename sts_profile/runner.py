@@ -116,7 +116,7 @@ def prepare(config) -> Plan:
         DataError: no calibration data, bad data, or data without images.
     """
     from sts_train.data import LlavaCollator, LlavaDataset, load_llava_json
-    from sts_train.modelio import load_processor
+    from sts_train.modelio import load_processor, pad_token_id
 
     notes = []
     with warnings.catch_warnings(record=True) as caught:
@@ -142,9 +142,8 @@ def prepare(config) -> Plan:
         raise DataError(f"{json_path}: the calibration data has no images (no sampled entry has an "
                         "'image' key); pass LLaVA data with images via --data/--images")
     dataset = LlavaDataset(json_path, images, processor, num_image_tokens=facts["num_visual_tokens"])
-    pad_id = processor.tokenizer.pad_token_id
-    pad_id = pad_id if pad_id is not None else processor.tokenizer.eos_token_id
-    collate = LlavaCollator(pad_token_id=int(pad_id))
+    pad_id = pad_token_id(processor.tokenizer)
+    collate = LlavaCollator(pad_token_id=pad_id)
     items = [dataset[i] for i in picked]
     image_id = dataset.image_token_id
     batches = [collate(items[k:k + config.batch_size]) for k in range(0, len(items), config.batch_size)]
@@ -155,7 +154,7 @@ def prepare(config) -> Plan:
     calibration = {"data_json": str(json_path), "images": None if images is None else str(images),
                    "num_samples": len(items), "seed": config.seed,
                    "sample_ids": [it["id"] for it in items]}
-    return Plan(config=config, checkpoints=checkpoints, processor_dir=proc_dir, pad_token_id=int(pad_id),
+    return Plan(config=config, checkpoints=checkpoints, processor_dir=proc_dir, pad_token_id=pad_id,
                 facts=facts, batches=batches, sample_ids=[it["id"] for it in items],
                 calibration=calibration, text_len=text_len, notes=notes)
 

@@ -18,6 +18,7 @@ import typer
 import yaml
 
 from sts_train.clitools import user_errors
+from sts_train.errors import StsError
 
 app = typer.Typer(
     help="Stage-aware sparse training (Visual Token Compressor + Layer Dynamic Skipper) "
@@ -28,14 +29,16 @@ app = typer.Typer(
 
 
 def _parse_overrides(items: list[str]) -> dict:
-    from sts_train.errors import StsError
-
     out = {}
     for item in items:
         if "=" not in item:
             raise StsError(f"--set {item!r}: expected KEY=VALUE such as training.max_steps=10")
         key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise StsError(f"--set {item!r}: the value is not valid YAML;"
+                           f" quote it, e.g. --set '{key}=\"{value}\"'") from None
     return out
 
 
@@ -126,9 +129,13 @@ def evaluate(
     with user_errors():
         import json
 
-        from sts_train.configtools import atomic_write_text
+        from sts_train.configtools import atomic_write_text, check_file_target
         from sts_train.evaluate import evaluate_folder
 
+        if limit is not None and limit < 1:
+            raise StsError(f"--limit {limit}: must be >= 1; omit it to evaluate every sample")
+        if json_out is not None:
+            check_file_target(json_out)  # before the evaluation, not after it
         result = evaluate_folder(model_dir, data, images, accuracy=not no_accuracy, limit=limit)
         if json_out is not None:
             atomic_write_text(json_out, json.dumps(result, indent=2) + "\n")
@@ -147,6 +154,8 @@ def plan(
     with user_errors():
         from sts_train.schedule import load_schedule
 
+        if steps < 1 or every < 0:
+            raise StsError(f"--steps {steps} / --every {every}: pass --steps >= 1 and --every >= 0")
         sched = load_schedule(schedule)
         sched.check_model(layers)
         every = every or max(1, steps // 10)

@@ -101,9 +101,31 @@ class TrainingConfig:
     def __post_init__(self):
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise StsError("training: set max_steps > 0 or num_train_epochs > 0")
-        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps"):
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                     "logging_steps", "save_steps"):
             if getattr(self, name) <= 0:
                 raise StsError(f"training.{name} = {getattr(self, name)} must be a positive integer")
+        for name in ("learning_rate", "weight_decay", "warmup_steps", "max_grad_norm", "dataloader_num_workers"):
+            if getattr(self, name) < 0:
+                raise StsError(f"training.{name} = {getattr(self, name)} is negative; use a value >= 0")
+        for name in ("save_total_limit", "eval_steps"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise StsError(f"training.{name} = {getattr(self, name)} must be a positive integer or null")
+        from transformers.trainer_utils import SchedulerType
+
+        schedulers = [s.value for s in SchedulerType]
+        if self.lr_scheduler_type not in schedulers:
+            raise StsError(f"training.lr_scheduler_type = {self.lr_scheduler_type!r} is unknown; use one of"
+                           f" {', '.join(schedulers)}")
+        reporters = set(self.report_to) - {"none", "tensorboard"}  # tensorboard is a dependency
+        if reporters:
+            from transformers.integrations import get_available_reporting_integrations
+
+            usable = ["none", "all", *get_available_reporting_integrations()]
+            unknown = sorted(reporters - set(usable))
+            if unknown:
+                raise StsError(f"training.report_to: {unknown[0]!r} is not installed or not known; install it or"
+                               f" use one of {', '.join(dict.fromkeys(usable))}")
 
 
 @dataclass(frozen=True)
@@ -133,7 +155,11 @@ def load_run_config(path: str | Path, overrides: dict | None = None) -> RunConfi
         node = data
         *parents, leaf = dotted.split(".")
         for key in parents:
-            node = node.setdefault(key, {})
+            if node.get(key) is None:  # absent, or a section whose keys are all commented out
+                node[key] = {}
+            elif not isinstance(node[key], dict):
+                raise StsError(f"--set {dotted}: {key} is {node[key]!r} in {path}, not a section; fix the key")
+            node = node[key]
         node[leaf] = value
     try:
         return from_mapping(RunConfig, data, "config")

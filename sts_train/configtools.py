@@ -151,9 +151,33 @@ def read_yaml(path: str | Path, what: str, error: type[StsError] = StsError) -> 
         raise error(f"{path}: not UTF-8 text; pass the path of a {what}") from None
 
 
+def check_replaceable(folder: str | Path, error: type[StsError] = StsError) -> Path:
+    """Refuse, before anything is deleted, a folder that ``--overwrite`` must not replace: an
+    existing file, or the current folder or one that contains it. Returns the resolved path."""
+    given, resolved = Path(folder), Path(folder).resolve()  # resolved: "." has no name
+    if resolved.exists() and not resolved.is_dir():
+        raise error(f"{given}: exists and is not a folder; choose a new folder")
+    if resolved == Path.cwd() or resolved in Path.cwd().parents:
+        raise error(f"{given}: is or contains the current folder; choose a new folder")
+    return resolved
+
+
+def check_file_target(path: str | Path, error: type[StsError] = StsError) -> Path:
+    """Refuse an output file path that is a folder, or whose parent is a file."""
+    path = Path(path)
+    if path.is_dir():
+        raise error(f"{path}: is a folder; pass a file path, e.g. {path / 'result.json'}")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise error(f"{path}: {parent} is a file, not a folder; choose another path")
+            break
+    return path
+
+
 def atomic_write_text(path: str | Path, text: str, overwrite: bool = True) -> Path:
     """Write ``text`` to ``path`` through a temp file in the same folder and a rename."""
-    path = Path(path)
+    path = check_file_target(path)
     if path.exists() and not overwrite:
         raise StsError(f"{path}: file exists; choose another path or pass --overwrite")
     path.parent.mkdir(parents=True, exist_ok=True)

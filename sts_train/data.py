@@ -120,6 +120,10 @@ def load_llava_json(json_path: str | Path, image_folder: str | Path | None = Non
     """
     json_path = Path(json_path)
     folder = Path(image_folder) if image_folder is not None else json_path.parent
+    if json_path.is_dir():
+        found = sorted(json_path.glob("*.json"))
+        hint = f", e.g. {found[0]}" if found else ""
+        raise DataError(f"{json_path}: is a folder; pass the LLaVA JSON file inside it{hint}")
     if not json_path.is_file():
         raise DataError(f"{json_path}: file not found; check the data path")
     try:

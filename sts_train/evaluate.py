@@ -164,9 +164,10 @@ def evaluate_split(model, processor, json_path: str | Path, images: str | Path |
     """
     from sts_train.adapters import model_parts
     from sts_train.data import LlavaCollator, LlavaDataset
+    from sts_train.modelio import pad_token_id
 
     dataset = LlavaDataset(json_path, images, processor, num_image_tokens=model_parts(model).num_visual_tokens)
-    scored = score(model, dataset, LlavaCollator(processor.tokenizer.pad_token_id), batch_size, limit)
+    scored = score(model, dataset, LlavaCollator(pad_token_id(processor.tokenizer)), batch_size, limit)
     result = {"data": str(json_path), "samples": min(len(dataset), limit) if limit else len(dataset),
               "eval_loss": scored.pop("eval_loss")}
     if accuracy:

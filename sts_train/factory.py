@@ -221,14 +221,17 @@ def save_model_folder(size: str, folder: str | Path, seed: int = 0, overwrite: b
     """Write a factory model and its processor as a standard model folder.
 
     Raises:
-        ModelError: the folder exists and is not empty, and ``overwrite`` is false.
+        ModelError: the folder is a file, or is or contains the current folder; or it is not
+            empty and ``overwrite`` is false.
     """
     import shutil
     import tempfile
 
-    folder = Path(folder)
+    from sts_train.configtools import check_replaceable
+
+    given, folder = folder, check_replaceable(folder, ModelError)
     if folder.exists() and any(folder.iterdir()) and not overwrite:
-        raise ModelError(f"{folder}: folder is not empty; choose a new folder or pass --overwrite")
+        raise ModelError(f"{given}: folder is not empty; choose a new folder or pass --overwrite")
     model, processor = build_model(size, seed), build_processor(size)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))

@@ -13,6 +13,26 @@ from sts_train.adapters import ADAPTERS
 from sts_train.errors import ModelError
 
 
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The ``checkpoint-N`` model folder of ``run_dir`` with the largest N (None if none)."""
+    found = [p.parent for p in Path(run_dir).glob("checkpoint-*/config.json")
+             if p.parent.name.rsplit("-", 1)[-1].isdigit()]
+    return max(found, key=lambda p: int(p.name.rsplit("-", 1)[-1]), default=None)
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id that pads batches: the tokenizer's pad token, else its end-of-sequence token.
+
+    Raises:
+        ModelError: the tokenizer has neither.
+    """
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ModelError("the tokenizer has no pad and no eos token; set pad_token in the model folder's"
+                         " tokenizer_config.json")
+    return int(pad)
+
+
 def read_model_type(folder: str | Path) -> str:
     """``model_type`` from a folder's ``config.json``.
 
@@ -24,11 +44,19 @@ def read_model_type(folder: str | Path) -> str:
         raise ModelError(f"{folder}: not a model folder (no such directory); pass a folder written by save_pretrained")
     config = folder / "config.json"
     if not config.is_file():
+        latest = latest_checkpoint(folder)
+        if latest is not None:
+            raise ModelError(f"{folder}: is a training run, not a model folder; pass one of its checkpoints"
+                             f" (latest: {latest})")
         raise ModelError(f"{folder}: not a model folder (no config.json); pass a folder written by save_pretrained")
     try:
-        model_type = json.loads(config.read_text()).get("model_type")
-    except (json.JSONDecodeError, AttributeError):
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise ModelError(f"{config}: not valid JSON; re-save the model with save_pretrained") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{config}: holds a {type(data).__name__}, not a config mapping; re-save the model"
+                         " with save_pretrained")
+    model_type = data.get("model_type")
     if model_type not in ADAPTERS:
         raise ModelError(
             f"{folder}: model type {model_type!r} is not supported; use a LLaVA-style model "

@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping
 import yaml
 
 from sts_train import schedule_fields as fields
-from sts_train.configtools import atomic_write_text, read_yaml
+from sts_train.configtools import atomic_write_text, check_file_target, read_yaml
 from sts_train.errors import ScheduleError
 
 SCHEMA_VERSION = 1
@@ -504,7 +504,7 @@ def dump_schedule(schedule: Schedule, path: str | os.PathLike, overwrite: bool =
     Raises:
         ScheduleError: ``path`` exists and ``overwrite`` is False.
     """
-    path = Path(path)
+    path = check_file_target(path, ScheduleError)
     if path.exists() and not overwrite:
         raise ScheduleError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
     text = yaml.dump(schedule.to_dict(), Dumper=_Dumper, sort_keys=False, allow_unicode=True)

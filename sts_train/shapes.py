@@ -27,6 +27,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from sts_train.configtools import check_replaceable
 from sts_train.errors import DataError
 
 COLORS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
@@ -242,11 +243,7 @@ def generate_shapes(out_dir: str | Path, *, n_alignment: int = 200, n_instructio
             raise DataError(f"{key}={value!r}: must be an integer >= 0")
     if not isinstance(image_size_px, int) or image_size_px < 16:
         raise DataError(f"image_size_px={image_size_px!r}: must be an integer >= 16")
-    given, out_dir = Path(out_dir), Path(out_dir).resolve()  # resolved: "." has no name
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DataError(f"{out_dir}: exists and is not a folder; choose a new folder")
-    if out_dir == Path.cwd() or out_dir in Path.cwd().parents:
-        raise DataError(f"{given}: is or contains the current folder; choose a new folder")
+    given, out_dir = Path(out_dir), check_replaceable(out_dir, DataError)
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise DataError(f"{out_dir}: folder is not empty; choose a new folder or pass --overwrite")
 

@@ -29,7 +29,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from sts_train.adapters import ModelParts, model_parts
 from sts_train.compress import TokenCompressor
 from sts_train.config import RunConfig
-from sts_train.configtools import atomic_write_text, dump_yaml
+from sts_train.configtools import atomic_write_text, check_replaceable, dump_yaml
 from sts_train.errors import DataError, ScheduleError, StsError
 from sts_train.flops import LayerDims, llm_step_flops
 from sts_train.schedule import Schedule, load_schedule, sample_skipped_layers
@@ -178,8 +178,13 @@ class StsTrainer(Trainer):
         # from_pretrained instead and insist on an exact match.
         model = self.model if model is None else model
         dtype = next(model.parameters()).dtype
-        loaded = type(model).from_pretrained(resume_from_checkpoint, dtype=dtype, local_files_only=True)
-        model.load_state_dict(loaded.state_dict(), strict=True)
+        try:
+            loaded = type(model).from_pretrained(resume_from_checkpoint, dtype=dtype, local_files_only=True)
+            model.load_state_dict(loaded.state_dict(), strict=True)
+        except (OSError, RuntimeError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise StsError(f"{resume_from_checkpoint}: cannot resume from it ({first[:160]}); resume with the"
+                           " run's original model config, or start again with --overwrite") from None
 
 
 def _check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
@@ -196,6 +201,11 @@ def _check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
         )
     if out.exists() and not out.is_dir():
         raise StsError(f"{out}: exists and is not a folder; choose another output_dir")
+    if overwrite and not holds_run and out.is_dir() and any(out.iterdir()):
+        raise StsError(f"{out}: holds files but no run, and --overwrite would delete them; choose a new"
+                       " or empty output_dir")
+    if overwrite:
+        check_replaceable(out)
 
 
 def _freeze_for_stage(model, parts: ModelParts, config: RunConfig) -> None:
@@ -299,7 +309,7 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -
         StsError: bad config, data, model or schedule (nothing is written then).
     """
     from sts_train.data import LlavaCollator, LlavaDataset
-    from sts_train.modelio import load_model_and_processor
+    from sts_train.modelio import load_model_and_processor, pad_token_id
 
     out = config.output_path
     _check_output_dir(out, resume, overwrite)
@@ -339,7 +349,7 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -
         if not resume:
             (out / LOG_FILE).unlink(missing_ok=True)
 
-    pad_id = processor.tokenizer.pad_token_id
+    pad_id = pad_token_id(processor.tokenizer)
     controller = SparsityController(
         schedule=schedule, stage_name=config.schedule.stage, seed=config.training.seed, parts=parts,
         compressor=TokenCompressor(model, parts, pad_id), skipper=LayerSkipper(parts.decoder_layers),

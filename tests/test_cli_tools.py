@@ -60,3 +60,24 @@ def test_evaluate_command_writes_json(tmp_path, shapes_dir):
     assert len(result["outcomes"]) == 20 and "outcomes" not in res.output
     res = runner.invoke(app, ["evaluate", str(tmp_path / "nothing"), "--data", str(shapes_dir["instruction_eval"])])
     assert res.exit_code == 2 and "not a model folder" in res.output
+
+
+def test_make_model_never_replaces_the_current_folder(tmp_path, monkeypatch):
+    (tmp_path / "keep.txt").write_text("keep")
+    monkeypatch.chdir(tmp_path)
+    res = runner.invoke(app, ["make-model", "test", ".", "--overwrite"])
+    assert res.exit_code == 2 and ".: is or contains the current folder; choose a new folder" in res.output
+    assert (tmp_path / "keep.txt").read_text() == "keep"
+
+
+def test_evaluate_and_plan_check_their_flags_first(tmp_path):
+    sched = tmp_path / "s.yaml"
+    sched.write_text(yaml.safe_dump({"schema_version": 1, "stages": [{"name": "instruction", "tokens": {
+        "method": "uniform", "keep_ratio": 0.5}}]}))
+    res = runner.invoke(app, ["plan", str(sched), "--layers", "4", "--steps", "0"])
+    assert res.exit_code == 2 and "--steps 0 / --every 0: pass --steps >= 1 and --every >= 0" in res.output
+    # no model is loaded: the flags are refused before the evaluation starts
+    res = runner.invoke(app, ["evaluate", str(tmp_path / "none"), "--data", str(sched), "--limit", "0"])
+    assert res.exit_code == 2 and "--limit 0: must be >= 1" in res.output
+    res = runner.invoke(app, ["evaluate", str(tmp_path / "none"), "--data", str(sched), "--json", str(tmp_path)])
+    assert res.exit_code == 2 and f"{tmp_path}: is a folder; pass a file path, e.g. {tmp_path / 'result.json'}" in res.output

@@ -78,3 +78,16 @@ def test_cli_help(cli):
     res = subprocess.run(exe, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert "Usage" in res.stdout
+
+
+def test_pad_token_id_falls_back_to_eos_then_refuses():
+    from sts_train.factory import build_tokenizer
+    from sts_train.modelio import pad_token_id
+
+    tok = build_tokenizer(512)
+    assert pad_token_id(tok) == tok.convert_tokens_to_ids("<pad>") == 0
+    tok.pad_token = None  # a user tokenizer without a pad token pads with its eos token
+    assert pad_token_id(tok) == tok.convert_tokens_to_ids("</s>") == tok.eos_token_id
+    tok.eos_token = None
+    with pytest.raises(ModelError, match="the tokenizer has no pad and no eos token; set pad_token"):
+        pad_token_id(tok)

@@ -219,6 +219,20 @@ def test_not_a_run_folder(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_unusable_device_and_broken_manifest(trainer_run, tmp_path):
+    # cuda:99 is past any machine's devices: refused before the output folder is made
+    _one_line_error(_analyze(trainer_run, tmp_path / "out", "--device", "cuda:99"), "--device cuda:99: ")
+    assert not (tmp_path / "out").exists()
+    broken = tmp_path / "tables"
+    broken.mkdir()
+    (broken / "analysis.json").write_text("{broken")
+    _one_line_error(_cli("schedule", broken, "--target-speedup", 1.3, "-o", tmp_path / "s.yaml"),
+                    f"{broken / 'analysis.json'}: not valid JSON; re-run `sts-profile analyze`")
+    _one_line_error(_cli("schedule", broken, "--target-speedup", 1.3, "-o", tmp_path),
+                    f"{tmp_path}: is a folder; pass a file path")
+    assert not (tmp_path / "s.yaml").exists()
+
+
 def test_checkpoints_of_different_architectures(trainer_run, tmp_path):
     run = _copy_run(trainer_run, tmp_path / "run")
     config_path = run / "instruction" / "checkpoint-2" / "config.json"

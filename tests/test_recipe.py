@@ -61,3 +61,35 @@ def test_recipe_refuses_existing_work_folder(tmp_path):
     assert res.exit_code == 2
     assert "holds an earlier recipe run; choose another folder or pass --overwrite" in res.output
     assert (tmp_path / "work" / "mine.txt").read_text() == "keep"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--policy", "paper", "--target-speedup", "2"], "--target-speedup does not apply to --policy paper"),
+    (["--alignment-steps", "0"], "--alignment-steps = 0 must be an integer >= 1"),
+    (["--size", "giant"], "unknown model size 'giant'"),
+])
+def test_recipe_checks_its_options_before_touching_folders(tmp_path, args, message):
+    for name in ("work", "report"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "earlier.txt").write_text("keep")
+    res = CliRunner().invoke(app, ["recipe", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "report"),
+                                   "--overwrite", *args])
+    assert res.exit_code == 2 and message in res.output
+    assert all((tmp_path / name / "earlier.txt").read_text() == "keep" for name in ("work", "report"))
+
+
+def test_recipe_with_the_paper_formula_needs_no_budget(tmp_path):
+    work, out = tmp_path / "work", tmp_path / "report"
+    res = CliRunner().invoke(app, ["recipe", "--size", "test", "--policy", "paper", "--work", str(work),
+                                   "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    schedule = load_schedule(out / "schedule.yaml")
+    assert schedule.source["policy"] == "paper"
+    logs = {stage: [json.loads(x) for x in (work / "sparse" / stage / "sts_log.jsonl").read_text().splitlines()]
+            for stage in ("alignment", "instruction")}
+    # the formula: alignment pools to a quarter of the 16 tokens per image; instruction skips
+    # layers, but a 2-layer model has only its never-skipped first and last
+    assert all(r["keep_ratio"] == 0.25 and 4 * r["kept_visual_tokens"] == r["dense_visual_tokens"]
+               for r in logs["alignment"])
+    assert all(r["keep_ratio"] == 1.0 and r["skipped_layers"] == [] for r in logs["instruction"])
+    assert json.loads((out / "summary.json").read_text())["config"]["target_speedup"] is None

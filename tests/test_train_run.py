@@ -238,6 +238,71 @@ def test_unreadable_run_config_is_one_line(tmp_path, case, message):
     assert "Traceback" not in res.output and res.output.count("\n") == 1
 
 
+@pytest.mark.parametrize("patch, message", [
+    ({"lr_scheduler_type": "cosine_warmup"}, "training.lr_scheduler_type = 'cosine_warmup' is unknown; use one of linear, cosine"),
+    ({"warmup_steps": -1}, "training.warmup_steps = -1 is negative; use a value >= 0"),
+    ({"report_to": ["tensorbord"]}, "training.report_to: 'tensorbord' is not installed or not known; install it or use one of none, all, tensorboard"),
+    ({"save_total_limit": 0}, "training.save_total_limit = 0 must be a positive integer or null"),
+])
+def test_bad_training_values_fail_before_anything_is_written(run_setup, patch, message):
+    tmp, cfg = run_setup
+    cfg["training"].update(patch)
+    res = _cli(["train", _write(tmp / "run.yaml", cfg)])
+    assert res.exit_code == 2 and message in res.output
+    assert not (tmp / "run").exists()
+
+
+def test_set_fills_a_commented_out_section_and_refuses_bad_yaml(run_setup):
+    tmp, cfg = run_setup
+    cfg["training"] = dict(cfg["training"], max_steps=1, save_steps=1)
+    path = _write(tmp / "run.yaml", cfg)
+    path.write_text(path.read_text() + "stage:\n")  # a section whose keys are all commented out (null)
+    assert load_run_config(path, {"stage.name": "alignment"}).stage.name == "alignment"
+    res = _cli(["train", path, "--set", "data.json=[x"])
+    assert res.exit_code == 2 and "--set 'data.json=[x': the value is not valid YAML; quote it" in res.output
+    res = _cli(["train", path, "--set", "output_dir.x=1"])
+    assert res.exit_code == 2 and "--set output_dir.x: output_dir is" in res.output and "not a section" in res.output
+
+
+def test_overwrite_only_replaces_a_run(run_setup, monkeypatch):
+    tmp, cfg = run_setup
+    mine = tmp / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    res = _cli(["train", _write(tmp / "run.yaml", dict(cfg, output_dir=str(mine))), "--overwrite"])
+    assert res.exit_code == 2 and "holds files but no run, and --overwrite would delete them" in res.output
+    assert (mine / "notes.txt").read_text() == "keep"
+    monkeypatch.chdir(mine)  # the current folder is never replaced, even when it holds a run
+    (mine / "sts_run.yaml").write_text("{}\n")
+    res = _cli(["train", _write(tmp / "here.yaml", dict(cfg, output_dir=".")), "--overwrite"])
+    assert res.exit_code == 2 and ".: is or contains the current folder; choose a new folder" in res.output
+    assert (mine / "notes.txt").read_text() == "keep"
+
+
+def test_resume_onto_another_model_is_one_line(run_setup):
+    tmp, cfg = run_setup
+    cfg["training"] = dict(cfg["training"], max_steps=1, save_steps=1)
+    assert _cli(["train", _write(tmp / "run.yaml", cfg)]).exit_code == 0
+    res = _cli(["train", _write(tmp / "other.yaml", dict(cfg, model={"size": "small"}, schedule={})), "--resume",
+                "--set", "training.max_steps=2"])
+    assert res.exit_code == 2 and "checkpoint-1: cannot resume from it (" in res.output
+    assert "resume with the run's original model config, or start again with --overwrite" in res.output
+    assert "Traceback" not in res.output
+
+
+def test_run_folder_or_data_folder_given_for_a_file(run_setup, shapes_dir):
+    tmp, cfg = run_setup
+    cfg["training"] = dict(cfg["training"], max_steps=2, save_steps=1)
+    assert _cli(["train", _write(tmp / "run.yaml", cfg)]).exit_code == 0
+    res = _cli(["train", _write(tmp / "r.yaml", dict(cfg, model={"path": str(tmp / "run")},
+                                                     output_dir=str(tmp / "next")))])
+    assert res.exit_code == 2
+    assert f"{tmp / 'run'}: is a training run, not a model folder; pass one of its checkpoints (latest: {tmp / 'run' / 'checkpoint-2'})" in res.output
+    folder = shapes_dir["images"].parent
+    res = _cli(["train", _write(tmp / "d.yaml", dict(cfg, data={"json": str(folder)}, output_dir=str(tmp / "d")))])
+    assert res.exit_code == 2 and f"{folder}: is a folder; pass the LLaVA JSON file inside it, e.g. {folder / 'alignment.json'}" in res.output
+
+
 def test_gradient_accumulation_has_one_plan_per_optimizer_step(run_setup):
     tmp, cfg = run_setup
     cfg["training"] = dict(cfg["training"], max_steps=3, save_steps=3, gradient_accumulation_steps=2)
