@@ -86,10 +86,13 @@ def calibration_source(config, checkpoints: list[Checkpoint]) -> tuple[Path, Pat
     back (instruction data has the prompts that text-guided compression needs).
 
     Raises:
-        DataError: no flag and no ``sts_run.yaml`` naming the data.
+        DataError: no flag and no ``sts_run.yaml`` naming the data; the data it names is
+            missing; ``--images`` without ``--data``.
     """
     if config.data_json is not None:
         return Path(config.data_json), None if config.images is None else Path(config.images)
+    if config.images is not None:
+        raise DataError(f"--images {config.images} without --data; pass the LLaVA JSON too (--data JSON)")
     root = Path(config.ckpt_dir)
     runs = [root, *dict.fromkeys(c.run for c in reversed(checkpoints))]
     for run in runs:
@@ -101,8 +104,11 @@ def calibration_source(config, checkpoints: list[Checkpoint]) -> tuple[Path, Pat
         except (yaml.YAMLError, AttributeError, UnicodeDecodeError):
             continue
         if isinstance(data, dict) and isinstance(data.get("json"), str):
-            images = data.get("images")
-            return _resolve(data["json"], run), None if not isinstance(images, str) else _resolve(images, run)
+            images, json_path = data.get("images"), _resolve(data["json"], run)
+            if not json_path.is_file():
+                raise DataError(f"{path}: its data.json {data['json']!r} is not found (looked at {json_path});"
+                                " pass the calibration data with --data JSON --images DIR")
+            return json_path, None if not isinstance(images, str) else _resolve(images, run)
     raise DataError(f"{root}: no calibration data given and no {RUN_CONFIG_FILE} in the run names its "
                     "data; pass --data JSON --images DIR")
 

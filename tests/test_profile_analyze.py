@@ -263,6 +263,15 @@ def test_missing_tokenizer(trainer_run, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_calibration_data_named_by_the_run_but_missing(trainer_run, tmp_path):
+    run = _copy_run(trainer_run, tmp_path / "run")
+    (run / "sts_run.yaml").write_text("data:\n  json: gone.json\n  images: .\n")
+    _one_line_error(_analyze(run, tmp_path / "out", data=False), f"{run / 'sts_run.yaml'}: its data.json"
+                    " 'gone.json' is not found", "pass the calibration data with --data JSON --images DIR")
+    _one_line_error(_analyze(run, tmp_path / "out", "--images", tmp_path, data=False), "without --data")
+    assert not (tmp_path / "out").exists()
+
+
 def test_calibration_data_without_images(trainer_run, tmp_path):
     text_only = [s for s in json.loads(Path(_DATA["json"]).read_text()) if "image" not in s]
     assert text_only
