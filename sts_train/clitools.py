@@ -13,13 +13,23 @@ from sts_train.errors import StsError
 EXIT_USER_ERROR = 2
 
 
+def one_line(message: str) -> str:
+    """The message itself, when a DataLoader worker raised it and torch re-raised it with the
+    worker's traceback ("Caught DataError in DataLoader worker process 0. Original Traceback
+    ... sts_train.errors.DataError: <message>")."""
+    if "\nOriginal Traceback" not in message:
+        return message
+    last = message.strip().splitlines()[-1]
+    return last.split(": ", 1)[1] if ": " in last else last
+
+
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """Turn an :class:`StsError` (and a missing file) into ``error: <msg>`` on stderr, exit 2."""
     try:
         yield
     except StsError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {one_line(str(exc))}", err=True)
         raise typer.Exit(EXIT_USER_ERROR) from None
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)

@@ -285,7 +285,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         try:
             with Image.open(path) as img:
                 img = img.convert("RGB")
-        except OSError as exc:
+        except (OSError, Image.DecompressionBombError) as exc:
             raise DataError(f"{_where(self.json_path, index, sample['id'])}: cannot read image "
                             f"{path} ({exc}); replace the file") from None
         return self.image_processor(images=img, return_tensors="pt")["pixel_values"][0]

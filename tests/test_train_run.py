@@ -303,6 +303,22 @@ def test_run_folder_or_data_folder_given_for_a_file(run_setup, shapes_dir):
     assert res.exit_code == 2 and f"{folder}: is a folder; pass the LLaVA JSON file inside it, e.g. {folder / 'alignment.json'}" in res.output
 
 
+def test_unreadable_image_in_a_dataloader_worker_is_one_line(run_setup, shapes_dir):
+    tmp, cfg = run_setup
+    data = tmp / "data"
+    shutil.copytree(shapes_dir["images"].parent, data)
+    for image in (data / "images").glob("*.png"):  # every image truncated: the first batch meets one
+        image.write_bytes(image.read_bytes()[:40])
+    cfg["data"] = {"json": str(data / "instruction.json"), "images": str(data)}
+    cfg["training"] = dict(cfg["training"], max_steps=2, save_steps=2, dataloader_num_workers=1)
+    res = _cli(["train", _write(tmp / "run.yaml", cfg)])
+    assert res.exit_code == 2, res.output
+    message = res.output.split("error: ", 1)[1]  # after the progress bar's carriage returns
+    assert message.startswith(f"{data / 'instruction.json'}") and message.count("\n") == 1
+    assert "Traceback" not in res.output and "DataLoader worker" not in res.output
+    assert f"cannot read image {data / 'images'}" in res.output and "replace the file" in res.output
+
+
 def test_gradient_accumulation_has_one_plan_per_optimizer_step(run_setup):
     tmp, cfg = run_setup
     cfg["training"] = dict(cfg["training"], max_steps=3, save_steps=3, gradient_accumulation_steps=2)
