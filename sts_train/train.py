@@ -20,6 +20,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -148,6 +149,7 @@ class StsTrainer(Trainer):
     """HF Trainer that accounts the sparse work of each micro-batch and logs it."""
 
     sts: SparsityController
+    sts_resumed: Callable[[], None] | None = None  # called once a resumed checkpoint has loaded
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -185,6 +187,8 @@ class StsTrainer(Trainer):
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise StsError(f"{resume_from_checkpoint}: cannot resume from it ({first[:160]}); resume with the"
                            " run's original model config, or start again with --overwrite") from None
+        if self.sts_resumed is not None:
+            self.sts_resumed()
 
 
 def _check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
@@ -345,8 +349,8 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -
         shutil.rmtree(out)
     if write:
         out.mkdir(parents=True, exist_ok=True)
-        dump_yaml(config, out / RUN_CONFIG_FILE)
-        if not resume:
+        if not resume:  # a resumed run rewrites it once its checkpoint has loaded
+            dump_yaml(config, out / RUN_CONFIG_FILE)
             (out / LOG_FILE).unlink(missing_ok=True)
 
     pad_id = pad_token_id(processor.tokenizer)
@@ -367,6 +371,8 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -
         callbacks=[SparsityCallback(controller, out, write)],
     )
     trainer.sts = controller
+    if resume and write:
+        trainer.sts_resumed = lambda: dump_yaml(config, out / RUN_CONFIG_FILE)
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=True if resume else None)
     wall_s = time.perf_counter() - started

@@ -103,7 +103,9 @@ def test_resume_gives_same_plans_and_weights(run_setup):
     shutil.rmtree(tmp / "resumed" / "checkpoint-6")
     log_path = tmp / "resumed" / "sts_log.jsonl"
     log_path.write_text("".join(log_path.read_text().splitlines(True)[:3]))
-    train(load_run_config(part), resume=True)
+    train(load_run_config(part, {"training.logging_steps": 3}), resume=True)
+    # a resumed run records the config it resumed with, once its checkpoint has loaded
+    assert yaml.safe_load((tmp / "resumed" / "sts_run.yaml").read_text())["training"]["logging_steps"] == 3
     a = load_file(tmp / "run" / "checkpoint-6" / "model.safetensors")
     b = load_file(tmp / "resumed" / "checkpoint-6" / "model.safetensors")
     for k in a:
@@ -288,6 +290,8 @@ def test_resume_onto_another_model_is_one_line(run_setup):
     assert res.exit_code == 2 and "checkpoint-1: cannot resume from it (" in res.output
     assert "resume with the run's original model config, or start again with --overwrite" in res.output
     assert "Traceback" not in res.output
+    # the run's record still describes what its checkpoints are
+    assert yaml.safe_load((tmp / "run" / "sts_run.yaml").read_text())["model"]["size"] == "test"
 
 
 def test_run_folder_or_data_folder_given_for_a_file(run_setup, shapes_dir):
