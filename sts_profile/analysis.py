@@ -317,7 +317,7 @@ def schedule_from_tables(tables_dir: str | Path, budget, out_path: str | Path, o
     """Derive ``schedule.yaml`` from an analysis folder (``sts-profile schedule``)."""
     from sts_profile.derive import derive_from_tables_dir
 
-    check_file_target(out_path)  # the output first: it costs nothing to check
+    check_file_target(out_path, example="schedule.yaml")  # the output first: it costs nothing to check
     Analysis(tables_dir)  # a clear error for a folder that is not an analysis
     return derive_from_tables_dir(tables_dir, budget, out_path, overwrite=overwrite)
 

@@ -120,8 +120,7 @@ def recipe(
         from sts_profile.recipe import RecipeConfig, run_recipe, test_size
 
         cfg = RecipeConfig(out=str(out), work=str(work), size=size, seed=seed, policy=policy,
-                           target_speedup=2.0 if (policy == "profile" and target_speedup is None
-                                                  and max_loss_increase is None) else target_speedup,
+                           target_speedup=target_speedup,
                            max_loss_increase=max_loss_increase, overwrite=overwrite)
         if size == "test":
             cfg = test_size(cfg)

@@ -84,7 +84,6 @@ from sts_profile.derive_search import (
     MAX_SKIP_PROB, PROGRESS_POINTS, TREND_MIN_REL_RISE, _choose, _layer_model, _token_options,
     _token_trend, fit_decay, predicted_speedup,
 )
-from sts_train.configtools import check_file_target
 from sts_train.errors import StsError
 from sts_train.flops import LayerDims
 from sts_train.schedule import (
@@ -398,7 +397,6 @@ def derive_from_tables_dir(tables_dir: str | Path, budget: Budget, out_path: str
     tables_dir, out_path = Path(tables_dir), Path(out_path)
     if not tables_dir.is_dir():
         raise StsError(f"{tables_dir}: not a folder; pass the --out folder of `sts-profile analyze`")
-    check_file_target(out_path)
     if out_path.exists() and not overwrite:
         raise StsError(f"{out_path} already exists; pass --overwrite to replace it")
     manifest_path, manifest = tables_dir / "analysis.json", {}

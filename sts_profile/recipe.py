@@ -26,6 +26,7 @@ from sts_train.config import DataConfig, ModelConfig, RunConfig, ScheduleConfig,
 from sts_train.errors import StsError
 
 STAGE_ORDER = ("alignment", "instruction")
+DEFAULT_TARGET_SPEEDUP = 2.0  # the profile policy's budget when none is given
 
 
 @dataclass(frozen=True)
@@ -46,11 +47,15 @@ class RecipeConfig:
     lr_instruction: float = 1e-3
     checkpoints_per_stage: int = 3
     profile_samples: int = 8
-    target_speedup: float | None = 2.0
+    target_speedup: float | None = None  # policy profile without max_loss_increase: 2.0
     max_loss_increase: float | None = None
     policy: str = "profile"
     eval_limit: int | None = None
     overwrite: bool = False
+
+    def __post_init__(self):
+        if self.policy == "profile" and self.target_speedup is None and self.max_loss_increase is None:
+            object.__setattr__(self, "target_speedup", DEFAULT_TARGET_SPEEDUP)
 
 
 class Phases:
@@ -178,15 +183,23 @@ def check_recipe(cfg: RecipeConfig) -> None:
     from sts_train.factory import get_size
 
     get_size(cfg.size)
-    for key in ("alignment_steps", "instruction_steps", "n_alignment", "n_instruction", "n_eval", "batch_size",
-                "checkpoints_per_stage", "profile_samples"):
+    counts = ("alignment_steps", "instruction_steps", "n_alignment", "n_instruction", "n_eval", "batch_size",
+              "checkpoints_per_stage", "profile_samples", "eval_limit")
+    for key in counts:
         value = getattr(cfg, key)
+        if key == "eval_limit" and value is None:
+            continue
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             name = f"--{key.replace('_', '-')}" if key.endswith("_steps") else f"RecipeConfig.{key}"
             raise StsError(f"{name} = {value!r} must be an integer >= 1; pass a positive count")
+    for key in ("lr_alignment", "lr_instruction"):
+        if not getattr(cfg, key) > 0:
+            raise StsError(f"RecipeConfig.{key} = {getattr(cfg, key)!r} must be a positive learning rate")
     Budget(target_speedup=cfg.target_speedup, max_loss_increase=cfg.max_loss_increase, policy=cfg.policy)
-    for folder in (cfg.work, cfg.out):
-        check_replaceable(folder)
+    work, out = (check_replaceable(folder) for folder in (cfg.work, cfg.out))
+    if work == out or work in out.parents or out in work.parents:
+        raise StsError(f"--work {cfg.work} and --out {cfg.out} overlap (writing the report replaces --out);"
+                       " choose two separate folders")
 
 
 def run_recipe(cfg: RecipeConfig) -> dict:

@@ -106,8 +106,8 @@ def calibration_source(config, checkpoints: list[Checkpoint]) -> tuple[Path, Pat
         if isinstance(data, dict) and isinstance(data.get("json"), str):
             images, json_path = data.get("images"), _resolve(data["json"], run)
             if not json_path.is_file():
-                raise DataError(f"{path}: its data.json {data['json']!r} is not found (looked at {json_path});"
-                                " pass the calibration data with --data JSON --images DIR")
+                raise DataError(f"{path}: its data.json {data['json']!r} is not found (from {run} or the current"
+                                " folder); pass the calibration data with --data JSON --images DIR")
             return json_path, None if not isinstance(images, str) else _resolve(images, run)
     raise DataError(f"{root}: no calibration data given and no {RUN_CONFIG_FILE} in the run names its "
                     "data; pass --data JSON --images DIR")

@@ -124,6 +124,7 @@ def evaluate(
     limit: Optional[int] = typer.Option(None, help="Evaluate only the first N samples."),
     json_out: Optional[Path] = typer.Option(
         None, "--json", help="Also write the result to this JSON file, with every answer's outcome."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --json file."),
 ) -> None:
     """Dense evaluation: held-out loss and exact-match answer accuracy (greedy, every turn)."""
     with user_errors():
@@ -134,8 +135,10 @@ def evaluate(
 
         if limit is not None and limit < 1:
             raise StsError(f"--limit {limit}: must be >= 1; omit it to evaluate every sample")
-        if json_out is not None:
-            check_file_target(json_out)  # before the evaluation, not after it
+        if json_out is not None:  # before the evaluation, not after it
+            check_file_target(json_out, example="eval.json")
+            if json_out.exists() and not overwrite:
+                raise StsError(f"{json_out}: file exists; choose another path or pass --overwrite")
         result = evaluate_folder(model_dir, data, images, accuracy=not no_accuracy, limit=limit)
         if json_out is not None:
             atomic_write_text(json_out, json.dumps(result, indent=2) + "\n")
@@ -154,8 +157,10 @@ def plan(
     with user_errors():
         from sts_train.schedule import load_schedule
 
-        if steps < 1 or every < 0:
-            raise StsError(f"--steps {steps} / --every {every}: pass --steps >= 1 and --every >= 0")
+        if steps < 1:
+            raise StsError(f"--steps {steps}: must be >= 1 (the run's total optimizer steps)")
+        if every < 0:
+            raise StsError(f"--every {every}: must be >= 1, or 0 for about ten rows")
         sched = load_schedule(schedule)
         sched.check_model(layers)
         every = every or max(1, steps // 10)

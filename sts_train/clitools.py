@@ -25,7 +25,7 @@ def one_line(message: str) -> str:
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn an :class:`StsError` (and a missing file) into ``error: <msg>`` on stderr, exit 2."""
+    """Turn an :class:`StsError` into ``error: <msg>`` on stderr (one line), exit 2."""
     try:
         yield
     except StsError as exc:

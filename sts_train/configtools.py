@@ -155,6 +155,8 @@ def check_replaceable(folder: str | Path, error: type[StsError] = StsError) -> P
     """Refuse, before anything is deleted, a folder that ``--overwrite`` must not replace: an
     existing file, or the current folder or one that contains it. Returns the resolved path."""
     given, resolved = Path(folder), Path(folder).resolve()  # resolved: "." has no name
+    if given.is_symlink():
+        raise error(f"{given}: is a symbolic link; pass the folder it points to ({resolved}) or a new folder")
     if resolved.exists() and not resolved.is_dir():
         raise error(f"{given}: exists and is not a folder; choose a new folder")
     if resolved == Path.cwd() or resolved in Path.cwd().parents:
@@ -162,11 +164,13 @@ def check_replaceable(folder: str | Path, error: type[StsError] = StsError) -> P
     return resolved
 
 
-def check_file_target(path: str | Path, error: type[StsError] = StsError) -> Path:
-    """Refuse an output file path that is a folder, or whose parent is a file."""
+def check_file_target(path: str | Path, error: type[StsError] = StsError, example: str | None = None) -> Path:
+    """Refuse an output file path that is a folder, or whose parent is a file. ``example``: a
+    file name the message suggests inside the folder."""
     path = Path(path)
     if path.is_dir():
-        raise error(f"{path}: is a folder; pass a file path, e.g. {path / 'result.json'}")
+        hint = f", e.g. {path / example}" if example else ""
+        raise error(f"{path}: is a folder; pass a file path{hint}")
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():

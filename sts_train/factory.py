@@ -229,9 +229,10 @@ def save_model_folder(size: str, folder: str | Path, seed: int = 0, overwrite: b
 
     from sts_train.configtools import check_replaceable
 
-    given, folder = folder, check_replaceable(folder, ModelError)
+    folder = Path(folder)
+    check_replaceable(folder, ModelError)
     if folder.exists() and any(folder.iterdir()) and not overwrite:
-        raise ModelError(f"{given}: folder is not empty; choose a new folder or pass --overwrite")
+        raise ModelError(f"{folder}: folder is not empty; choose a new folder or pass --overwrite")
     model, processor = build_model(size, seed), build_processor(size)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))

@@ -504,7 +504,7 @@ def dump_schedule(schedule: Schedule, path: str | os.PathLike, overwrite: bool =
     Raises:
         ScheduleError: ``path`` exists and ``overwrite`` is False.
     """
-    path = check_file_target(path, ScheduleError)
+    path = check_file_target(path, ScheduleError, example="schedule.yaml")
     if path.exists() and not overwrite:
         raise ScheduleError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
     text = yaml.dump(schedule.to_dict(), Dumper=_Dumper, sort_keys=False, allow_unicode=True)

@@ -15,12 +15,13 @@ Outputs in ``output_dir``: ``checkpoint-N/`` (standard HF layout, processor incl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -149,7 +150,6 @@ class StsTrainer(Trainer):
     """HF Trainer that accounts the sparse work of each micro-batch and logs it."""
 
     sts: SparsityController
-    sts_resumed: Callable[[], None] | None = None  # called once a resumed checkpoint has loaded
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -180,15 +180,64 @@ class StsTrainer(Trainer):
         # from_pretrained instead and insist on an exact match.
         model = self.model if model is None else model
         dtype = next(model.parameters()).dtype
-        try:
+        with _resume_errors(resume_from_checkpoint, "the run's original model config"):
             loaded = type(model).from_pretrained(resume_from_checkpoint, dtype=dtype, local_files_only=True)
             model.load_state_dict(loaded.state_dict(), strict=True)
-        except (OSError, RuntimeError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise StsError(f"{resume_from_checkpoint}: cannot resume from it ({first[:160]}); resume with the"
-                           " run's original model config, or start again with --overwrite") from None
-        if self.sts_resumed is not None:
-            self.sts_resumed()
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        # the optimizer state has one group per trainable set: another stage does not fit it
+        with _resume_errors(checkpoint, "the run's original stage and trainable parts"):
+            super()._load_optimizer_and_scheduler(checkpoint)
+
+
+@contextlib.contextmanager
+def _resume_errors(checkpoint, what: str) -> Iterator[None]:
+    """A checkpoint that does not fit the run being resumed -> one-line :class:`StsError`."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise
+    except (OSError, RuntimeError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StsError(f"{checkpoint}: cannot resume from it ({first[:160]}); resume with {what}, or start"
+                       " again with --overwrite") from None
+
+
+class _RecordConfig(TrainerCallback):
+    """Writes ``sts_run.yaml`` of a resumed run once its checkpoint (weights, optimizer,
+    scheduler) has loaded: a resume that fails leaves the run's record as it was."""
+
+    def __init__(self, write: Callable[[], object]):
+        self.write = write
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.write()
+
+
+def check_training_args(training) -> None:
+    """What ``TrainingArguments`` and the ``Trainer`` would refuse late (after the output folder is
+    written): an unknown scheduler, a reporting integration that is not installed.
+
+    Raises:
+        StsError: one line naming the key and the values to use.
+    """
+    from transformers.integrations import get_available_reporting_integrations
+    from transformers.trainer_utils import SchedulerType
+
+    schedulers = [s.value for s in SchedulerType]
+    if training.lr_scheduler_type not in schedulers:
+        raise StsError(f"training.lr_scheduler_type = {training.lr_scheduler_type!r} is unknown; use one of"
+                       f" {', '.join(schedulers)}")
+    reporters = list(training.report_to)
+    alone = [name for name in ("none", "all") if name in reporters]
+    if alone and len(reporters) > 1:
+        raise StsError(f"training.report_to = {reporters}: {alone[0]!r} must be the only entry; use"
+                       f" [{alone[0]}] or list the integrations")
+    available = get_available_reporting_integrations()
+    unknown = [name for name in reporters if name not in ("none", "all", *available)]
+    if unknown:
+        raise StsError(f"training.report_to: {unknown[0]!r} is not installed or not known; install it or"
+                       f" use one of none, all, {', '.join(available)}")
 
 
 def _check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
@@ -317,6 +366,7 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -
 
     out = config.output_path
     _check_output_dir(out, resume, overwrite)
+    check_training_args(config.training)
     schedule = load_schedule(config.schedule.path) if config.schedule.path else None
     if schedule is not None and config.schedule.stage is not None:
         schedule.stage_named(config.schedule.stage)
@@ -372,7 +422,7 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -
     )
     trainer.sts = controller
     if resume and write:
-        trainer.sts_resumed = lambda: dump_yaml(config, out / RUN_CONFIG_FILE)
+        trainer.add_callback(_RecordConfig(lambda: dump_yaml(config, out / RUN_CONFIG_FILE)))
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=True if resume else None)
     wall_s = time.perf_counter() - started

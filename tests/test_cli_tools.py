@@ -75,9 +75,25 @@ def test_evaluate_and_plan_check_their_flags_first(tmp_path):
     sched.write_text(yaml.safe_dump({"schema_version": 1, "stages": [{"name": "instruction", "tokens": {
         "method": "uniform", "keep_ratio": 0.5}}]}))
     res = runner.invoke(app, ["plan", str(sched), "--layers", "4", "--steps", "0"])
-    assert res.exit_code == 2 and "--steps 0 / --every 0: pass --steps >= 1 and --every >= 0" in res.output
+    assert res.exit_code == 2 and "--steps 0: must be >= 1" in res.output
+    res = runner.invoke(app, ["plan", str(sched), "--layers", "4", "--steps", "5", "--every", "-1"])
+    assert res.exit_code == 2 and "--every -1: must be >= 1, or 0" in res.output
     # no model is loaded: the flags are refused before the evaluation starts
     res = runner.invoke(app, ["evaluate", str(tmp_path / "none"), "--data", str(sched), "--limit", "0"])
     assert res.exit_code == 2 and "--limit 0: must be >= 1" in res.output
     res = runner.invoke(app, ["evaluate", str(tmp_path / "none"), "--data", str(sched), "--json", str(tmp_path)])
-    assert res.exit_code == 2 and f"{tmp_path}: is a folder; pass a file path, e.g. {tmp_path / 'result.json'}" in res.output
+    assert res.exit_code == 2 and f"{tmp_path}: is a folder; pass a file path, e.g. {tmp_path / 'eval.json'}" in res.output
+    res = runner.invoke(app, ["evaluate", str(tmp_path / "none"), "--data", str(sched), "--json", str(sched / "x.json")])
+    assert res.exit_code == 2 and f"{sched / 'x.json'}: {sched} is a file, not a folder" in res.output
+    res = runner.invoke(app, ["evaluate", str(tmp_path / "none"), "--data", str(sched), "--json", str(sched)])
+    assert res.exit_code == 2 and f"{sched}: file exists; choose another path or pass --overwrite" in res.output
+    assert sched.read_text().startswith("schema_version: 1")
+
+
+def test_overwrite_refuses_a_symbolic_link(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "keep.txt").write_text("keep")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    res = runner.invoke(app, ["make-model", "test", str(tmp_path / "link"), "--overwrite"])
+    assert res.exit_code == 2 and f"{tmp_path / 'link'}: is a symbolic link; pass the folder it points to" in res.output
+    assert (tmp_path / "real" / "keep.txt").read_text() == "keep"

@@ -67,11 +67,13 @@ def test_recipe_refuses_existing_work_folder(tmp_path):
     (["--policy", "paper", "--target-speedup", "2"], "--target-speedup does not apply to --policy paper"),
     (["--alignment-steps", "0"], "--alignment-steps = 0 must be an integer >= 1"),
     (["--size", "giant"], "unknown model size 'giant'"),
+    (["--out", "WORK/report"], "overlap (writing the report replaces --out); choose two separate folders"),
 ])
 def test_recipe_checks_its_options_before_touching_folders(tmp_path, args, message):
     for name in ("work", "report"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "earlier.txt").write_text("keep")
+    args = [a.replace("WORK", str(tmp_path / "work")) for a in args]
     res = CliRunner().invoke(app, ["recipe", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "report"),
                                    "--overwrite", *args])
     assert res.exit_code == 2 and message in res.output
@@ -93,3 +95,11 @@ def test_recipe_with_the_paper_formula_needs_no_budget(tmp_path):
                for r in logs["alignment"])
     assert all(r["keep_ratio"] == 1.0 and r["skipped_layers"] == [] for r in logs["instruction"])
     assert json.loads((out / "summary.json").read_text())["config"]["target_speedup"] is None
+
+
+def test_recipe_budget_defaults_to_a_2x_target_for_the_profile_policy_only():
+    from sts_profile.recipe import RecipeConfig
+
+    assert RecipeConfig().target_speedup == 2.0
+    assert RecipeConfig(policy="paper").target_speedup is None
+    assert RecipeConfig(max_loss_increase=0.1).target_speedup is None

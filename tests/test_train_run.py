@@ -243,8 +243,9 @@ def test_unreadable_run_config_is_one_line(tmp_path, case, message):
 @pytest.mark.parametrize("patch, message", [
     ({"lr_scheduler_type": "cosine_warmup"}, "training.lr_scheduler_type = 'cosine_warmup' is unknown; use one of linear, cosine"),
     ({"warmup_steps": -1}, "training.warmup_steps = -1 is negative; use a value >= 0"),
-    ({"report_to": ["tensorbord"]}, "training.report_to: 'tensorbord' is not installed or not known; install it or use one of none, all, tensorboard"),
-    ({"save_total_limit": 0}, "training.save_total_limit = 0 must be a positive integer or null"),
+    ({"report_to": ["tensorbord"]}, "training.report_to: 'tensorbord' is not installed or not known"),
+    ({"report_to": ["none", "tensorboard"]}, "'none' must be the only entry; use [none] or list the integrations"),
+    ({"save_total_limit": -1}, "training.save_total_limit = -1 is negative; use null or 0 to keep every checkpoint"),
 ])
 def test_bad_training_values_fail_before_anything_is_written(run_setup, patch, message):
     tmp, cfg = run_setup
@@ -252,6 +253,15 @@ def test_bad_training_values_fail_before_anything_is_written(run_setup, patch, m
     res = _cli(["train", _write(tmp / "run.yaml", cfg)])
     assert res.exit_code == 2 and message in res.output
     assert not (tmp / "run").exists()
+
+
+@pytest.mark.parametrize("report_to", [[], ["none"], ["all"], ["tensorboard"]])
+def test_training_values_hf_accepts_pass(report_to):
+    from sts_train.config import TrainingConfig
+    from sts_train.train import check_training_args
+
+    check_training_args(TrainingConfig(max_steps=1, report_to=tuple(report_to), lr_scheduler_type="linear",
+                                       save_total_limit=0))
 
 
 def test_set_fills_a_commented_out_section_and_refuses_bad_yaml(run_setup):
@@ -292,6 +302,13 @@ def test_resume_onto_another_model_is_one_line(run_setup):
     assert "Traceback" not in res.output
     # the run's record still describes what its checkpoints are
     assert yaml.safe_load((tmp / "run" / "sts_run.yaml").read_text())["model"]["size"] == "test"
+    # the same model in another stage: the weights load, the optimizer state (one group of
+    # LLM + projector parameters) does not fit the projector-only stage
+    res = _cli(["train", _write(tmp / "stage.yaml", dict(cfg, stage={"name": "alignment"}, schedule={})),
+                "--resume", "--set", "training.max_steps=2"])
+    assert res.exit_code == 2 and "checkpoint-1: cannot resume from it (" in res.output
+    assert "resume with the run's original stage and trainable parts, or start again with --overwrite" in res.output
+    assert yaml.safe_load((tmp / "run" / "sts_run.yaml").read_text())["stage"]["name"] == "instruction"
 
 
 def test_run_folder_or_data_folder_given_for_a_file(run_setup, shapes_dir):
