@@ -103,8 +103,8 @@ def recipe(
     out: Path = typer.Option(Path("reports/demo"), "--out", help="Report folder (index.html, summary.json, plots)."),
     work: Path = typer.Option(Path("runs/demo"), "--work", help="Working folder: data, runs, analysis."),
     size: str = typer.Option("demo", "--size", help="Factory model size: demo, small or test."),
-    alignment_steps: Optional[int] = typer.Option(None, help="Optimizer steps of stage 1 (default per size)."),
-    instruction_steps: Optional[int] = typer.Option(None, help="Optimizer steps of stage 2 (default per size)."),
+    alignment_steps: Optional[int] = typer.Option(None, help="Optimizer steps of stage 1 (default 60; 6 with --size test)."),
+    instruction_steps: Optional[int] = typer.Option(None, help="Optimizer steps of stage 2 (default 300; 8 with --size test)."),
     target_speedup: Optional[float] = typer.Option(
         None, "--target-speedup", help="Schedule budget: FLOPs speedup (--policy profile; default 2.0)."),
     max_loss_increase: Optional[float] = typer.Option(None, "--max-loss-increase",

@@ -6,10 +6,10 @@
 2. train the model densely: alignment (projector only), then instruction tuning (projector +
    LLM) from the alignment run's final checkpoint, saving checkpoints at regular steps;
 3. ``analyze`` the dense run (both stages) and derive ``schedule.yaml`` within the budget;
-4. train again from the same initial weights with the schedule (alignment with the
-   compressor, instruction tuning with the skipper, as the schedule says);
+4. train again from the same initial weights with the schedule (each stage with the token
+   compression and layer skipping its schedule stage sets);
 5. evaluate both final models densely on the held-out splits (loss, answer accuracy);
-6. write the comparison report (``index.html`` + ``summary.json`` + plots) under ``--out``.
+6. write the comparison report (``index.html``, ``summary.json``, ``schedule.yaml``, plots) under ``--out``.
 
 Every phase prints its wall time as it ends; training shows the HF progress bar.
 """

@@ -3,7 +3,7 @@
     sts-train make-data data/shapes                # synthetic LLaVA-format data set
     sts-train make-model demo models/demo          # a random-weight model folder
     sts-train train run.yaml                       # train one stage (dense without a schedule)
-    sts-train evaluate runs/x/checkpoint-100 --data data/instruction_eval.json
+    sts-train evaluate runs/x/checkpoint-100 --data data/shapes/instruction_eval.json
     sts-train plan schedule.yaml --layers 8 --steps 100   # preview what a schedule does
 
 Heavy imports (torch, transformers) happen inside the commands so ``--help`` is instant.

@@ -3,7 +3,7 @@
 Example (``sts-train train run.yaml``)::
 
     model: {size: demo}                 # or {path: /models/my-llava}
-    data: {json: data/shapes/alignment.json, images: data/shapes/images,
+    data: {json: data/shapes/alignment.json, images: data/shapes,   # image paths are relative to it
            eval_json: data/shapes/alignment_eval.json}
     stage: {name: alignment}            # alignment: projector only; instruction: + LLM
     schedule: {path: schedule.yaml, stage: alignment}   # optional; none = dense baseline
