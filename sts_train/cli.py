@@ -136,12 +136,10 @@ def evaluate(
         if limit is not None and limit < 1:
             raise StsError(f"--limit {limit}: must be >= 1; omit it to evaluate every sample")
         if json_out is not None:  # before the evaluation, not after it
-            check_file_target(json_out, example="eval.json")
-            if json_out.exists() and not overwrite:
-                raise StsError(f"{json_out}: file exists; choose another path or pass --overwrite")
+            check_file_target(json_out, example="eval.json", overwrite=overwrite)
         result = evaluate_folder(model_dir, data, images, accuracy=not no_accuracy, limit=limit)
         if json_out is not None:
-            atomic_write_text(json_out, json.dumps(result, indent=2) + "\n")
+            atomic_write_text(json_out, json.dumps(result, indent=2) + "\n", overwrite=overwrite)
         typer.echo(json.dumps({k: v for k, v in result.items() if k != "outcomes"}, indent=2))
 
 

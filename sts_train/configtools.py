@@ -164,13 +164,16 @@ def check_replaceable(folder: str | Path, error: type[StsError] = StsError) -> P
     return resolved
 
 
-def check_file_target(path: str | Path, error: type[StsError] = StsError, example: str | None = None) -> Path:
-    """Refuse an output file path that is a folder, or whose parent is a file. ``example``: a
-    file name the message suggests inside the folder."""
+def check_file_target(path: str | Path, error: type[StsError] = StsError, example: str | None = None,
+                      overwrite: bool = True) -> Path:
+    """Refuse an output file path that is a folder, whose parent is a file, or that exists
+    (unless ``overwrite``). ``example``: a file name the message suggests inside the folder."""
     path = Path(path)
     if path.is_dir():
         hint = f", e.g. {path / example}" if example else ""
         raise error(f"{path}: is a folder; pass a file path{hint}")
+    if path.exists() and not overwrite:
+        raise error(f"{path}: file exists; choose another path or pass --overwrite")
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
@@ -181,9 +184,7 @@ def check_file_target(path: str | Path, error: type[StsError] = StsError, exampl
 
 def atomic_write_text(path: str | Path, text: str, overwrite: bool = True) -> Path:
     """Write ``text`` to ``path`` through a temp file in the same folder and a rename."""
-    path = check_file_target(path)
-    if path.exists() and not overwrite:
-        raise StsError(f"{path}: file exists; choose another path or pass --overwrite")
+    path = check_file_target(path, overwrite=overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:

@@ -204,8 +204,8 @@ def _resume_errors(checkpoint, what: str) -> Iterator[None]:
 
 
 class _RecordConfig(TrainerCallback):
-    """Writes ``sts_run.yaml`` of a resumed run once its checkpoint (weights, optimizer,
-    scheduler) has loaded: a resume that fails leaves the run's record as it was."""
+    """Writes ``sts_run.yaml`` when training begins: after a resumed checkpoint (weights,
+    optimizer, scheduler) has loaded, so a resume that fails leaves the run's record as it was."""
 
     def __init__(self, write: Callable[[], object]):
         self.write = write
@@ -399,8 +399,7 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -
         shutil.rmtree(out)
     if write:
         out.mkdir(parents=True, exist_ok=True)
-        if not resume:  # a resumed run rewrites it once its checkpoint has loaded
-            dump_yaml(config, out / RUN_CONFIG_FILE)
+        if not resume:
             (out / LOG_FILE).unlink(missing_ok=True)
 
     pad_id = pad_token_id(processor.tokenizer)
@@ -421,7 +420,7 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -
         callbacks=[SparsityCallback(controller, out, write)],
     )
     trainer.sts = controller
-    if resume and write:
+    if write:
         trainer.add_callback(_RecordConfig(lambda: dump_yaml(config, out / RUN_CONFIG_FILE)))
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=True if resume else None)
