@@ -14,7 +14,8 @@ Rules per stage of the tables (plain, documented choices):
   ``skip_loss_delta``) are the *max* over them, so an option holds at every checkpoint.
 * **Frozen LLM** -> no layer skipping: ``llm_frozen`` when given (the analysis compares decoder
   weights), else layer metrics identical across >= 2 checkpoints (:func:`frozen_stages`), else
-  (one checkpoint) the stage is frozen iff it is named ``alignment``.
+  the stage is frozen iff it is named ``alignment`` (changing metrics do not show a trained
+  LLM: a trained projector alone moves every layer's hidden states).
 * **Cost**: analytic LLM FLOPs (:mod:`sts_train.flops`) at ``text_len`` + kept visual tokens,
   ratio of sums over 200 progress points (as the trainer reports it); the backward factor
   cancels. Without ``dims`` a layer costs in proportion to its sequence length.
@@ -24,7 +25,8 @@ Rules per stage of the tables (plain, documented choices):
   stage start and decays along the layer curve (below). Predicted loss, averaged over the
   stage like the cost: ``mean_x sum_l p_l(x) * max(s_l, 0)`` (skips taken as independent).
 * **Decay** (:func:`fit_decay`): a "need" series (layers: mean ``block_influence`` of the less
-  sensitive half; tokens: ``1 - mergeable_frac``, fallback ``1 - neighbor_cosine``) rising by
+  sensitive half; tokens: 1 - ``mergeable_frac`` averaged over its similarity thresholds,
+  fallback ``1 - neighbor_cosine``) rising by
   more than 5% first to last (tokens: and by more than 0.01, one point of the token
   fraction) means redundancy shrinks: the curve (linear/quadratic/cosine) whose affine
   fit ``need ~ a + b * (1 - f(x))`` has the least squared residual (ties: linear); else
@@ -37,16 +39,18 @@ Rules per stage of the tables (plain, documented choices):
 * **Token curve**: ``keep_ratio_end = min(1, keep_ratio * need_last / need_first)`` along that
   curve (the ratio follows the fraction of distinct tokens; never below the measured start).
 * **Token loss**: an option's ``loss_delta`` is the largest measured delta of its method at
-  its own or any milder keep ratio (``measured_loss_delta`` keeps the probe's value), so a
-  harsher ratio never ranks as cheaper than a milder one on probe noise. A keep ratio between
+  its own or any milder keep ratio, and at least 0 (``measured_loss_delta`` keeps the probe's
+  value), so a harsher ratio never ranks as cheaper than a milder one, or than dense, on
+  probe noise. A keep ratio between
   measured ones takes the chord between its neighbours' deltas and standard errors, by the
   fraction of tokens each keeps (a pooled grid keeps k*k): exact where the loss is linear in
   it, an upper bound where it is convex (the probes measure each halving costlier than the
   one before). Above the mildest probe (keep 0.5 by default) the chord runs to dense (loss
   0): assumed, not measured.
 * **Options**: dense tokens, each measured token option, and each kept fraction between the
-  harshest probe and dense (every uniform-pooled grid of a square grid, else steps of 1/32),
-  plus with ``target_speedup`` the keep ratio that reaches the target alone.
+  harshest probe and dense (every uniform-pooled grid of a square grid, else steps of 1/32);
+  with ``target_speedup`` also the keep ratio that reaches the target alone, and no
+  in-between fraction harsher than it (tokens alone would overshoot the target).
 * **Budget** ``max_loss_increase``: of the token options within tolerance, with the rest of
   the tolerance spent on layers, the highest predicted speedup (no layers: the cheapest
   option within tolerance). ``target_speedup``: of the token options plus just enough layer
@@ -56,10 +60,10 @@ Rules per stage of the tables (plain, documented choices):
 * **Probe noise** (``target_speedup``): an option's standard error is its token probe's
   (``compress_loss_delta_se``) plus the stage's mean of ``sum_l p_l(x) * se_l`` of the layer probes
   (``skip_loss_delta_se``; summed, an upper bound for any correlation between probes on the
-  same samples). Options whose predicted loss lies within 2 standard errors of the lowest
-  (``sqrt(se_a^2 + se_b^2)``: conservative, as the probes share their samples) are a tie the
-  probes cannot break. It goes to uniform pooling, then merge, then the rest by predicted
-  loss, and then to that method's lowest predicted loss. Pooling and merging keep every
+  same samples). Each token method (and dense tokens) stands as its own lowest predicted
+  loss; methods within 2 standard errors of the lowest (``sqrt(se_a^2 + se_b^2)``:
+  conservative, as the probes share their samples) are a tie the probes cannot break. It
+  goes to uniform pooling, then merge, then the rest by predicted loss. Pooling and merging keep every
   patch's content; the probes score the one-shot loss of a model not trained with
   compression, not how training adapts to each method. Tables without standard errors break
   ties only on equal losses.
@@ -287,8 +291,10 @@ def derive_schedule(layers: pd.DataFrame | None, tokens: pd.DataFrame | None, *,
         n_ckpt = len(_checkpoints(ldf, tdf))
         if llm_frozen is not None and name in llm_frozen:
             frozen, by = bool(llm_frozen[name]), "given"
-        elif ldf["checkpoint"].nunique() >= 2:
-            frozen, by = name in frozen_measured, "measured: layer metrics across checkpoints"
+        elif name in frozen_measured:
+            frozen, by = True, "measured: layer metrics identical across checkpoints"
+        elif ldf["checkpoint"].nunique() >= 2:  # a trained projector alone moves every layer metric
+            frozen, by = name == "alignment", "stage name (layer metrics changed; the weights were not compared)"
         else:
             frozen, by = name == "alignment", "stage name (one checkpoint: cannot be measured)"
         layer_model, layer_info = (None, {"reason": "LLM frozen in this stage"}) if frozen else \

@@ -262,7 +262,7 @@ def _layer_model(df: pd.DataFrame, num_layers: int, steps_range: tuple[int, int]
     # The decay follows the need of the layers that will skip most (the less sensitive half).
     low = [l for l in eligible if clipped[l] <= ref]
     signal = "block_influence" if not _per_checkpoint_layer(df, "block_influence").empty else metric
-    table = _per_checkpoint_layer(df, signal)[low].dropna(how="all")
+    table = _per_checkpoint_layer(df, signal).reindex(columns=low).dropna(how="all")
     need = table.mean(axis=1)
     if len(need) >= 2:
         decay, fit = fit_decay(_progress(list(need.index), steps_range), list(need.values))
@@ -278,8 +278,10 @@ def _token_options(df: pd.DataFrame) -> list[dict]:
     """Measured (method, keep_ratio) with the max ``compress_loss_delta`` over checkpoints.
 
     ``measured_loss_delta`` is that max; ``loss_delta``, the value the search ranks by, is the
-    largest measured delta of the same method at this or any milder (higher) keep ratio: keeping
-    fewer tokens cannot be credited with less loss than keeping more. A probe on a few
+    largest measured delta of the same method at this or any milder (higher) keep ratio, and at
+    least 0 (dense): keeping fewer tokens cannot be credited with less loss than keeping more,
+    or than keeping all (a negative probe delta is noise: taken as it is, the chord from dense
+    would fall with every token dropped, and the search would overshoot). A probe on a few
     calibration samples can measure the harsher ratio as cheaper; taken at face value, that
     noise makes the search overshoot the budget (the demo picked keep 0.25, 3.0x, at target 2x).
 
@@ -298,7 +300,7 @@ def _token_options(df: pd.DataFrame) -> list[dict]:
     per = per[np.isfinite(per.astype(float))]
     se = per_option("compress_loss_delta_se").reindex(per.index).fillna(0.0)
     envelope, se_envelope = (v.sort_index(ascending=False).groupby(level="method").cummax() for v in (per, se))
-    return [{"method": str(k[0]), "keep_ratio": float(k[1]), "loss_delta": float(envelope[k]),
+    return [{"method": str(k[0]), "keep_ratio": float(k[1]), "loss_delta": max(float(envelope[k]), 0.0),
              "measured_loss_delta": float(v), "loss_delta_se": float(se_envelope[k])} for k, v in per.items()]
 
 
@@ -405,8 +407,8 @@ def _choose(options: list[dict], layer_model: _Layers | None, relax: float, curv
                 continue
             seen.add(option)
             frac = option[0] / n_visual
-            # constant: the kept fraction itself (4 decimals keep the kept count)
-            r = round(frac, 4) if relax <= 1.0 else r
+            # constant: the kept fraction itself, with enough decimals to keep the kept count
+            r = round(frac, 4 + max(0, math.ceil(math.log10(n_visual)) - 3)) if relax <= 1.0 else r
             point = _interpolated(points, frac)
             # (a pooled grid can fall below the harshest measured ratio)
             if point is not None and point[0] <= tolerance:
@@ -428,13 +430,14 @@ def _choose(options: list[dict], layer_model: _Layers | None, relax: float, curv
 def _prefer_within_noise(met: list[dict]) -> dict:
     """The candidate to take among those reaching the target.
 
-    The lowest predicted loss (unknown layer loss ranks worse than any known loss), unless
-    others lie within ``TIE_Z`` standard errors of it (``sqrt(se_a^2 + se_b^2)``, each
-    candidate's ``predicted_loss_se``): then the most preferred method among those ties
-    (``METHOD_RANK``, then predicted loss), and that method's lowest predicted loss, then
-    smallest speedup. (A harsher ratio may tie only because its probe is noisier; the
-    method's milder candidates are then at least as good, and keep to the budget.) ``ties``
-    records how many candidates tied.
+    Each method (``None``: dense tokens) is represented by its own lowest predicted loss, then
+    smallest speedup (unknown layer loss ranks worse than any known loss). The lowest of those
+    wins, unless others lie within ``TIE_Z`` standard errors of it (``sqrt(se_a^2 + se_b^2)``,
+    each candidate's ``predicted_loss_se``): then the most preferred method among those ties
+    (``METHOD_RANK``, then predicted loss). Only a method's best candidate is tested: a
+    harsher ratio that ties only because its probe is noisier does not pull in the method's
+    milder candidates when those are measured clearly worse. ``ties`` records how many
+    methods tied (the lowest's own included).
 
     ``sqrt(se_a^2 + se_b^2)`` treats two candidates' probes as independent; they share the
     calibration samples, so their errors correlate and the margin is conservative (wider).
@@ -448,11 +451,12 @@ def _prefer_within_noise(met: list[dict]) -> dict:
     known = min(c["unknown_layer_loss"] for c in met)
     pool = [c for c in met if c["unknown_layer_loss"] == known]
     lowest = min(pool, key=by_loss)
-    ties = [c for c in pool if c["predicted_loss_increase"] - lowest["predicted_loss_increase"]
+    per_method: dict = {}
+    for c in sorted(pool, key=by_loss):
+        per_method.setdefault(method(c), c)  # each method's own lowest predicted loss
+    ties = [c for c in per_method.values() if c["predicted_loss_increase"] - lowest["predicted_loss_increase"]
             <= TIE_Z * math.hypot(c["predicted_loss_se"], lowest["predicted_loss_se"])]
-    chosen = method(min(ties, key=lambda c: (METHOD_RANK.get(method(c), len(METHOD_RANK)),
-                                             c["predicted_loss_increase"])))
-    best = min((c for c in pool if method(c) == chosen), key=by_loss)
+    best = min(ties, key=lambda c: (METHOD_RANK.get(method(c), len(METHOD_RANK)), c["predicted_loss_increase"]))
     best["ties"] = len(ties)
     best["lowest_loss_option"] = {"method": method(lowest), "kind": lowest["kind"],
                                   "predicted_loss_increase": lowest["predicted_loss_increase"],
