@@ -68,8 +68,10 @@ def fit_decay(progress: list[float], need: list[float], *, min_abs_rise: float =
     x, y = np.asarray(progress, float), np.asarray(need, float)
     ok = np.isfinite(x) & np.isfinite(y)
     x, y = x[ok], y[ok]
-    if len(x) < 2 or np.ptp(x) == 0:
+    if len(x) < 2:
         return "constant", {"reason": "fewer than two checkpoints"}
+    if np.ptp(x) == 0:
+        return "constant", {"reason": "every checkpoint at the same stage progress"}
     rise = float((y[-1] - y[0]) / max(abs(y[0]), 1e-12))
     info: dict = {"rel_rise": rise}
     if rise <= TREND_MIN_REL_RISE or y[-1] - y[0] <= min_abs_rise:
@@ -81,7 +83,8 @@ def fit_decay(progress: list[float], need: list[float], *, min_abs_rise: float =
         coef, *_ = np.linalg.lstsq(design, y, rcond=None)
         residual[name] = float(np.sum((design @ coef - y) ** 2)) if coef[1] > 0 else math.inf
     info["residual"] = residual
-    best = min(_FITTED_CURVES, key=lambda n: (round(residual[n], 12), _FITTED_CURVES.index(n)))
+    total = float(np.sum((y - y.mean()) ** 2))  # > 0 after the rise check; need has any unit
+    best = min(_FITTED_CURVES, key=lambda n: (round(residual[n] / total, 9), _FITTED_CURVES.index(n)))
     return best, info
 
 

@@ -526,6 +526,11 @@ def test_fit_decay_picks_the_shape():
     assert fit_decay(x, [1.0, 1.01, 0.99, 1.02, 1.03])[0] == "constant"     # rise below 5%
     assert fit_decay(x, [1.0, 0.9, 0.8, 0.7, 0.6])[0] == "constant"         # redundancy grows
     assert fit_decay([0.0, 1.0], [1.0, 2.0])[0] == "linear"                 # tie: linear
+    # ties are relative to the series' own spread: the shapes are told apart in any unit
+    for curve in ("quadratic", "cosine"):
+        need = [1e-7 * (1.0 + 0.4 * (1 - DECAY_CURVES[curve](v))) for v in x]
+        assert fit_decay(x, need)[0] == curve
+    assert fit_decay([0.5, 0.5], [1.0, 2.0]) == ("constant", {"reason": "every checkpoint at the same stage progress"})
     # a 33% rise of a tiny fraction (0.13 -> 0.17 of 576 tokens distinct) is noise with a floor
     tiny = [0.000217, 0.000289, 0.000289]
     assert fit_decay([0.0, 0.5, 1.0], tiny)[0] != "constant"
