@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from sts_train.adapters import has_class_token
 from sts_train.flops import LayerDims, layer_flops_fwd, lm_head_flops_fwd
 
 COST_COLUMNS = ("layer", "component", "seq_len", "flops_fwd", "time_fwd_s")
@@ -82,9 +83,9 @@ class _Timer:
             handle.remove()
 
 
-def _vision_attention_flops(model, num_images: int) -> float:
+def _vision_attention_flops(model, vision_tower, num_images: int) -> float:
     vision = model.config.vision_config
-    tokens = (vision.image_size // vision.patch_size) ** 2 + 1  # + CLS
+    tokens = (vision.image_size // vision.patch_size) ** 2 + has_class_token(vision_tower)
     return 4.0 * tokens * tokens * vision.hidden_size * vision.num_hidden_layers * num_images
 
 
@@ -100,7 +101,11 @@ def measure_cost(model, parts, batches: list[dict], *, repeats: int = 3) -> list
     Returns:
         Rows with :data:`COST_COLUMNS`: ``layer`` 0..L-1 with component ``decoder_layer``, and
         ``layer = -1`` rows for ``vision_tower``, ``projector``, ``lm_head`` and ``total``.
-        ``seq_len`` is the padded length of the median batch; FLOPs are per batch.
+        ``seq_len`` is the padded length of the median batch; FLOPs are per batch. The vision
+        tower's FLOPs are its ``nn.Linear`` and convolution calls plus analytic self-attention
+        (a class token counted where the tower has one); work done through a module's weights
+        without calling it (``nn.MultiheadAttention``, e.g. SigLIP's pooling head, which LLaVA
+        computes and ignores) is not counted.
     """
     device = next(model.parameters()).device
     lm_head = model.get_output_embeddings()
@@ -130,7 +135,7 @@ def measure_cost(model, parts, batches: list[dict], *, repeats: int = 3) -> list
                 samples[name].append(timer.times.get(name, 0.0))
             samples["total"].append(total)
             layer = layer_flops_fwd(seq_len, dims, batch=rows)["total"]
-            part = {"vision_tower": timer.linear_flops["vision_tower"] + _vision_attention_flops(model, images),
+            part = {"vision_tower": timer.linear_flops["vision_tower"] + _vision_attention_flops(model, parts.vision_tower, images),
                     "projector": timer.linear_flops["projector"],
                     "lm_head": lm_head_flops_fwd(seq_len, dims, batch=rows)}
             for i in range(parts.num_layers):

@@ -48,8 +48,9 @@ def _llava_parts(model) -> ModelParts:
     inner = model.model  # LlavaModel
     side = vision.image_size // vision.patch_size
     strategy = cfg.vision_feature_select_strategy
-    n_visual = side * side + (1 if strategy == "full" else 0)
-    if strategy == "full":
+    cls = strategy == "full" and has_class_token(inner.vision_tower)  # "default" drops it
+    n_visual = side * side + (1 if cls else 0)
+    if cls:
         grid = (n_visual, 1)  # a CLS token breaks the square grid: treat tokens as a 1-D row
     else:
         grid = (side, side)
@@ -72,6 +73,11 @@ def _llava_parts(model) -> ModelParts:
         vision_feature_layer=cfg.vision_feature_layer,
         vision_feature_select_strategy=strategy,
     )
+
+
+def has_class_token(vision_tower) -> bool:
+    """Does the vision tower prepend a class token to its patches (CLIP does, SigLIP does not)?"""
+    return any(name.endswith("class_embedding") for name, _ in vision_tower.named_parameters())
 
 
 ADAPTERS: dict[str, Callable[[object], ModelParts]] = {"llava": _llava_parts}

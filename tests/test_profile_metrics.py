@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 TOL = 1e-5
 
@@ -309,11 +310,43 @@ def test_cost_flops_are_analytic_and_times_positive(model, parts, batch):
     # vision tower: FlopCounterMode counts its matmuls and convolutions, not the SDPA kernel
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        parts.vision_tower(batch["pixel_values"], output_hidden_states=True)
+        out = parts.vision_tower(batch["pixel_values"], output_hidden_states=True)
     vision = model.config.vision_config
-    tokens = (vision.image_size // vision.patch_size) ** 2 + 1
+    tokens = out.last_hidden_state.shape[1]  # CLIP: the patches and its class token
+    assert tokens == (vision.image_size // vision.patch_size) ** 2 + 1
     attention = 4 * tokens ** 2 * vision.hidden_size * vision.num_hidden_layers * batch["pixel_values"].shape[0]
     assert by[(-1, "vision_tower")]["flops_fwd"] == pytest.approx(counter.get_total_flops() + attention)
     total = by[(-1, "total")]
     assert total["flops_fwd"] == pytest.approx(sum(r["flops_fwd"] for r in rows if r["component"] != "total"))
     assert all(r["time_fwd_s"] > 0 for r in rows) and all(r["seq_len"] == seq_len for r in rows)
+
+
+def test_a_siglip_tower_has_no_class_token():
+    """LLaVA with a SigLIP vision tower (no class token): the "full" feature strategy keeps
+    exactly the patches, a square grid; the model runs with that many image tokens, and the
+    cost table's vision attention counts the tower's own sequence length."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
+
+    from sts_profile.cost import measure_cost
+    from sts_train.adapters import model_parts
+    from sts_train.factory import build_config
+
+    base = build_config("test")
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=56, patch_size=14, vision_use_head=False)  # LLaVA ignores the head
+    config = LlavaConfig(vision_config=vision, text_config=base.text_config, image_token_index=base.image_token_index,
+                         vision_feature_select_strategy="full", vision_feature_layer=-1)
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config).eval()
+    parts = model_parts(model)
+    pixels = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        tokens = parts.vision_tower(pixels).last_hidden_state.shape[1]
+    assert tokens == parts.num_visual_tokens == 16 and parts.patch_grid == (4, 4)
+    ids = torch.tensor([[1] + [base.image_token_index] * 16 + [5, 6, 7]] * 2)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        parts.vision_tower(pixels)
+    row = next(r for r in measure_cost(model, parts, [batch], repeats=1) if r["component"] == "vision_tower")
+    assert row["flops_fwd"] == pytest.approx(counter.get_total_flops() + 4 * tokens ** 2 * 32 * 2 * 2)
