@@ -12,8 +12,9 @@ The step of a checkpoint is ``global_step`` from its ``trainer_state.json`` (pla
 the trailing number of its folder name, else its position in name order. Its stage is the
 ``stage.name`` of the ``sts_run.yaml`` that ``sts-train`` writes into a run folder, else the
 name of the stage sub-folder it sits in, else ``"unknown"``. A final model that a Trainer
-saves into the run folder itself (next to ``checkpoint-N/``) is not analyzed separately: it
-repeats the last checkpoint.
+saves into a run folder itself (next to ``checkpoint-N/``, in ``PATH`` or in a stage
+sub-folder) is not analyzed separately: it repeats the last checkpoint. A single
+``checkpoint-N`` folder belongs to the run above it when that run has an ``sts_run.yaml``.
 
 Nothing from a checkpoint is executed or unpickled here: only ``config.json``,
 ``trainer_state.json`` and ``sts_run.yaml`` are read, as JSON/YAML text.
@@ -199,14 +200,19 @@ def discover_checkpoints(path: str | Path) -> list[Checkpoint]:
         raise ModelError(f"{root}: not a run or model folder (no such directory); pass a Trainer "
                          "output_dir with checkpoint-N/ folders or a model folder")
     if is_model_folder(root) and not any(is_model_folder(p) for p in _children(root)):
-        stage = run_stage(root) or run_stage(root.parent) or "unknown"
+        own = run_stage(root)
+        stage = own or run_stage(root.parent) or "unknown"
         step = _global_step(root)
         step = step if step is not None else (_trailing_number(root.name) or 0)
-        found = [Checkpoint(path=root, name=root.name, step=step, stage=stage, run=root)]
+        # a checkpoint-N of a run: the run's sts_run.yaml (stage, calibration data) is its parent's
+        run = root.parent if own is None and (root.parent / RUN_CONFIG_FILE).is_file() else root
+        found = [Checkpoint(path=root, name=root.name, step=step, stage=stage, run=run)]
     else:
-        found = _run_checkpoints(root, root, run_stage(root) or "unknown")
-        stage_runs = [p for p in _children(root)
-                      if not is_model_folder(p) and any(is_model_folder(c) for c in _children(p))]
+        # a sub-folder holding model folders is a stage's run, even when a Trainer also saved
+        # its final model into it (that model repeats its last checkpoint and is skipped)
+        stage_runs = [p for p in _children(root) if any(is_model_folder(c) for c in _children(p))]
+        found = [c for c in _run_checkpoints(root, root, run_stage(root) or "unknown")
+                 if c.path not in stage_runs]
         staged = []
         for run in stage_runs:
             staged += _run_checkpoints(run, root, run_stage(run) or run.name)

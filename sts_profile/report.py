@@ -186,7 +186,10 @@ def write_report(out_dir: Path, *, layers: pd.DataFrame | None, tokens: pd.DataF
                      f" {html.escape(str(schedule.source['version']))}.</p>")
     parts.append("<h2>Notes</h2>" + ("".join(f"<div class='note'>{html.escape(n)}</div>" for n in all_notes)
                                      or "<p>none</p>"))
-    parts.append("<h2>Key numbers</h2>" + _key_numbers_html(key_numbers(layers, tokens), schedule))
+    parts.append("<h2>Key numbers</h2><p>Means over each stage's checkpoints (\u00b1 the mean of their "
+                 "standard errors). The schedule ranks options by the largest delta over the checkpoints, "
+                 "so the two can name different methods.</p>"
+                 + _key_numbers_html(key_numbers(layers, tokens), schedule))
     parts.append("<h2>Checkpoints</h2>" + _table(_checkpoint_rows(checkpoints, layers, tokens)))
     parts.append("<h2>Plots</h2>")
     for key, path in plots.items():

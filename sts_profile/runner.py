@@ -191,13 +191,28 @@ def _to_device(batch: dict, device: str, dtype) -> dict:
 RESULTS_FORMAT = 3
 
 
+def batches_digest(batches: list[dict]) -> str:
+    """Hash of the collated calibration batches: every tensor's name, dtype, shape and bytes
+    (the same sample ids from regenerated data, or another tokenizer, give another digest)."""
+    import torch
+
+    digest = hashlib.sha256()
+    for batch in batches:
+        for name in sorted(batch):
+            value = batch[name]
+            digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
+            digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def cache_key(plan: Plan, ckpt: Checkpoint, with_cost: bool) -> str:
-    """Hash of what a checkpoint's result depends on: its files, the settings, the samples and
-    the format of the measurements."""
+    """Hash of what a checkpoint's result depends on: its files, the settings, the samples (and
+    the collated batches themselves) and the format of the measurements."""
     files = sorted(p for p in ckpt.path.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin", ".json"))
     stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     payload = {"version": __version__, "format": RESULTS_FORMAT, "path": str(ckpt.path.resolve()), "files": stats,
                "settings": plan.config.measurement_key(), "samples": plan.sample_ids,
+               "batches": batches_digest(plan.batches),
                "cost": with_cost, "name": ckpt.name, "step": ckpt.step, "stage": ckpt.stage}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -237,6 +252,7 @@ def measure_checkpoint(plan: Plan, index: int) -> dict:
     batches = [_to_device(b, device, dtype) for b in plan.batches]
     collector = PassiveCollector(model, parts, attention_layers=config.layers_for_attention)
     probes = ProbeRunner(model, parts, plan.pad_token_id, seed=config.seed) if config.probes else None
+    out = None
     try:
         for j, batch in enumerate(batches):
             progress(f"{label}: batch {j + 1}/{len(batches)}")
@@ -257,7 +273,7 @@ def measure_checkpoint(plan: Plan, index: int) -> dict:
     if index == 0:
         progress(f"{label}: timing")
         result["cost"] = measure_cost(model, parts, batches[:2])
-    del model, parts, batches, collector, probes
+    del model, parts, batches, collector, probes, out
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()

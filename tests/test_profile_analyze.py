@@ -10,6 +10,7 @@ import os
 import shutil
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -394,7 +395,62 @@ def test_discover_layouts(tmp_path, config_dict):
 
     with pytest.warns(TrendWarning, match="two or more"):
         (single,) = discover_checkpoints(hf / "checkpoint-10")
-    assert single.step == 10 and single.path == hf / "checkpoint-10"
+    assert single.step == 10 and single.path == hf / "checkpoint-10" and single.run == single.path
+
+    # HF scripts often save_model() into each stage's output_dir too: the stage folder is then
+    # a model folder itself, but it holds checkpoints, so it is a stage run (its final model,
+    # like the run's own, repeats the last checkpoint)
+    final = tmp_path / "final"
+    for stage, steps in (("alignment", (4, 8)), ("instruction", (5, 10))):
+        for n in steps:
+            _model_folder(final / stage / f"checkpoint-{n}", config_dict, step=n)
+        (final / stage / "config.json").write_text(json.dumps(config_dict))
+    (final / "config.json").write_text(json.dumps(config_dict))
+    assert [(c.name, c.stage, c.step) for c in discover_checkpoints(final)] == [
+        ("alignment/checkpoint-4", "alignment", 4), ("alignment/checkpoint-8", "alignment", 8),
+        ("instruction/checkpoint-5", "instruction", 13), ("instruction/checkpoint-10", "instruction", 18)]
+
+
+def test_single_checkpoint_finds_its_runs_data(tmp_path, config_dict):
+    """``analyze run/checkpoint-N`` without --data: the run's sts_run.yaml names the stage and
+    the calibration data, as for the whole run."""
+    from sts_profile.discover import discover_checkpoints
+    from sts_profile.runner import calibration_source
+
+    run = tmp_path / "run"
+    _model_folder(run / "checkpoint-7", config_dict, step=7)
+    (run / "data.json").write_text("[]")
+    (run / "sts_run.yaml").write_text("stage: {name: instruction}\ndata: {json: data.json, images: imgs}\n")
+    with pytest.warns(UserWarning):
+        found = discover_checkpoints(run / "checkpoint-7")
+    assert found[0].stage == "instruction" and found[0].run == run
+    config = SimpleNamespace(data_json=None, images=None, ckpt_dir=str(run / "checkpoint-7"))
+    assert calibration_source(config, found) == (run / "data.json", run / "imgs")
+
+
+def test_cache_key_follows_the_calibration_batches(tmp_path, config_dict):
+    """Regenerated data with the same sample ids (the shapes generator's ids repeat) must not
+    reuse results measured on the old data: the key hashes the collated batches themselves."""
+    import torch
+
+    from sts_profile.discover import Checkpoint
+    from sts_profile.runner import Plan, batches_digest, cache_key
+
+    _model_folder(tmp_path / "ckpt", config_dict, step=1)
+    ckpt = Checkpoint(path=tmp_path / "ckpt", name="ckpt", step=1, stage="unknown", run=tmp_path)
+    config = SimpleNamespace(measurement_key=lambda: {"samples": 2})
+    batch = {"input_ids": torch.arange(6).view(2, 3), "pixel_values": torch.zeros(2, 3, 4, 4)}
+    other = {**batch, "pixel_values": batch["pixel_values"].clone()}
+    other["pixel_values"][1, 0, 0, 0] = 0.5
+
+    def key(batches):
+        plan = Plan(config=config, checkpoints=[ckpt], processor_dir=tmp_path, pad_token_id=0, facts={},
+                    batches=batches, sample_ids=["a", "b"], calibration={}, text_len=3)
+        return cache_key(plan, ckpt, with_cost=False)
+
+    assert key([batch]) == key([{k: v.clone() for k, v in batch.items()}])
+    assert key([batch]) != key([other])
+    assert batches_digest([{**batch, "pixel_values": batch["pixel_values"].bfloat16()}]) != batches_digest([batch])
 
 
 def test_discover_never_unpickles(tmp_path, config_dict, monkeypatch):
