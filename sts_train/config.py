@@ -67,7 +67,11 @@ class StageConfig:
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    """The schedule file and which of its stages this run trains (by step ranges if omitted)."""
+    """The schedule file and which of its stages this run trains (by step ranges if omitted).
+
+    A named stage with a step range starts at this run's step 0: a run trains one stage from
+    its start, and the range sets the stage's length (its progress runs over ``end - start``).
+    """
 
     path: str | None = None
     stage: str | None = None

@@ -84,6 +84,11 @@ class SparsityController:
     def plan(self, step: int):
         if self.schedule is None:
             return None
+        if self.stage_name is not None:
+            # A run trains the stage it names from that stage's start: its step 0 is the start
+            # of the stage's step range (a range sets the stage's length, not when this run began).
+            steps = self.schedule.stage_named(self.stage_name).steps
+            step += 0 if steps is None else steps.start
         return self.schedule.plan(
             step, num_layers=self.parts.num_layers, stage=self.stage_name,
             total_steps=max(self.total_steps, 1),
@@ -130,6 +135,12 @@ class SparsityCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.controller.total_steps = state.max_steps
+        log = self.output_dir / LOG_FILE
+        if self.write and state.global_step > 0 and log.is_file():
+            # resumed: the steps after the checkpoint run again, so their old lines go
+            kept = [line for line in log.read_text().splitlines(True)
+                    if line.strip() and json.loads(line)["step"] < state.global_step]
+            atomic_write_text(log, "".join(kept), overwrite=True)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.controller.begin_step(state.global_step)

@@ -99,11 +99,13 @@ def test_resume_gives_same_plans_and_weights(run_setup):
     cfg_b = dict(cfg, output_dir=str(tmp / "resumed"))
     part = _write(tmp / "part.yaml", cfg_b)
     train(load_run_config(part, {"training.max_steps": 6}))
-    # interrupt: keep only checkpoint-3 and the log up to it, then resume
+    # interrupt after step 4 (0-based): checkpoint-3 is the last one kept, the log ran on
     shutil.rmtree(tmp / "resumed" / "checkpoint-6")
     log_path = tmp / "resumed" / "sts_log.jsonl"
-    log_path.write_text("".join(log_path.read_text().splitlines(True)[:3]))
+    log_path.write_text("".join(log_path.read_text().splitlines(True)[:5]))
     train(load_run_config(part, {"training.logging_steps": 3}), resume=True)
+    # the steps after the checkpoint ran again and are logged once
+    assert [json.loads(x)["step"] for x in log_path.read_text().splitlines()] == list(range(6))
     # a resumed run records the config it resumed with, once its checkpoint has loaded
     assert yaml.safe_load((tmp / "resumed" / "sts_run.yaml").read_text())["training"]["logging_steps"] == 3
     a = load_file(tmp / "run" / "checkpoint-6" / "model.safetensors")
@@ -113,6 +115,22 @@ def test_resume_gives_same_plans_and_weights(run_setup):
     plans_a = [json.loads(x)["skipped_layers"] for x in (tmp / "run" / "sts_log.jsonl").read_text().splitlines()]
     plans_b = [json.loads(x)["skipped_layers"] for x in log_path.read_text().splitlines()]
     assert plans_a == plans_b
+
+
+def test_a_named_ranged_stage_starts_at_the_runs_first_step(run_setup):
+    """A schedule whose instruction stage covers steps [4, 10) of a two-stage plan, run as its
+    own 6-step instruction run (each run starts at step 0): run step s is stage step 4 + s, so
+    the keep ratio rises 0.25 -> 1.0 over the run, not over its first 4 steps clipped at 0."""
+    tmp, cfg = run_setup
+    ranged = {**SCHEDULE, "stages": [
+        {"name": "alignment", "steps": {"start": 0, "end": 4}, "tokens": {"method": "uniform", "keep_ratio": 0.5}},
+        {"name": "instruction", "steps": {"start": 4, "end": 10},
+         "tokens": {"method": "uniform", "keep_ratio": 0.25, "keep_ratio_end": 1.0, "curve": "linear"}}]}
+    cfg["schedule"] = {"path": str(_write(tmp / "ranged.yaml", ranged)), "stage": "instruction"}
+    train(load_run_config(_write(tmp / "run.yaml", cfg)))
+    log = [json.loads(line) for line in (tmp / "run" / "sts_log.jsonl").read_text().splitlines()]
+    assert [r["keep_ratio"] for r in log] == pytest.approx([0.25 + 0.75 * s / 6 for s in range(6)])
+    assert all(r["stage"] == "instruction" for r in log)
 
 
 def test_alignment_trains_projector_only(run_setup, shapes_dir):
