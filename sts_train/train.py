@@ -329,7 +329,7 @@ def _refuse_unsupported_launch(skips_layers: bool) -> None:
             )
 
 
-def build_training_args(config: RunConfig, skips_layers: bool) -> TrainingArguments:
+def build_training_args(config: RunConfig, find_unused: bool) -> TrainingArguments:
     t = config.training
     eval_steps = t.eval_steps if config.data.eval_json else None
     return TrainingArguments(
@@ -358,9 +358,10 @@ def build_training_args(config: RunConfig, skips_layers: bool) -> TrainingArgume
         dataloader_num_workers=t.dataloader_num_workers,
         report_to=list(t.report_to),
         remove_unused_columns=False,
-        # Skipped layers get no gradient: DDP must look for unused parameters, also with
-        # gradient checkpointing on (the Trainer would turn it off by itself then).
-        ddp_find_unused_parameters=True if skips_layers else None,
+        # Skipped layers get no gradient, nor does the projector on a rank whose micro-batch is
+        # text only: DDP must look for unused parameters, also with gradient checkpointing on
+        # (the Trainer would turn it off by itself then).
+        ddp_find_unused_parameters=True if find_unused else None,
         disable_tqdm=False,
         use_cpu=not torch.cuda.is_available(),
     )
@@ -400,7 +401,8 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -
     model.config.use_cache = False
     model.config.text_config.use_cache = False
 
-    args = build_training_args(config, skips_layers)  # sets up the process group under torchrun
+    text_only = any("image" not in sample for sample in train_set.samples)
+    args = build_training_args(config, skips_layers or text_only)  # sets up the process group under torchrun
     # every rank has validated the output folder before rank 0 writes anything into it
     from accelerate import PartialState
 

@@ -131,3 +131,30 @@ def test_sts_train_under_torchrun(tmp_path, shapes_dir):
     assert state["log_history"][-1]["epoch"] == pytest.approx(0.6)
     args = yaml.safe_load((tmp_path / "run" / "sts_run.yaml").read_text())
     assert args["training"]["gradient_checkpointing"] is True
+
+
+def test_text_only_micro_batch_under_torchrun(tmp_path, shapes_dir):
+    """Dense, gradient checkpointing on, one image sample and one text-only sample, one per
+    rank and step: the text-only rank never calls the projector. DDP must be told to look for
+    unused parameters (the Trainer turns that off under gradient checkpointing), or it stops."""
+    import json
+
+    samples = json.loads(shapes_dir["instruction"].read_text())
+    pair = [next(s for s in samples if "image" in s), next(s for s in samples if "image" not in s)]
+    (tmp_path / "pair.json").write_text(json.dumps(pair))
+    cfg = {
+        "model": {"size": "test"},
+        "data": {"json": str(tmp_path / "pair.json"), "images": str(shapes_dir["images"].parent)},
+        "stage": {"name": "instruction"},
+        "training": {"max_steps": 3, "per_device_train_batch_size": 1, "save_steps": 3,
+                     "logging_steps": 1, "seed": SEED, "report_to": [], "gradient_checkpointing": True},
+        "output_dir": str(tmp_path / "run"),
+    }
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    res = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+         str(_free_port()), "-m", "sts_train.cli", "train", str(tmp_path / "run.yaml")],
+        capture_output=True, text=True, timeout=120, env=env)  # without the fix DDP hangs
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "run" / "checkpoint-3" / "model.safetensors").is_file()
