@@ -48,7 +48,12 @@ def kept_count(num_tokens: int, keep_ratio: float) -> int:
 
 
 def pooled_grid(grid: tuple[int, int], keep_ratio: float) -> tuple[int, int]:
-    """Output grid of :func:`uniform` (each side scaled by ``sqrt(keep_ratio)``)."""
+    """Output grid of :func:`uniform`: each side scaled by ``sqrt(keep_ratio)``; a single row
+    or column (tokens with no 2-D layout, e.g. with a class token) pools along its length to
+    :func:`kept_count` tokens."""
+    if 1 in grid:
+        kept = kept_count(grid[0] * grid[1], keep_ratio)
+        return (1, kept) if grid[0] == 1 else (kept, 1)
     scale = math.sqrt(keep_ratio)
     return max(1, round(grid[0] * scale)), max(1, round(grid[1] * scale))
 

@@ -140,6 +140,16 @@ def test_uniform_quarter_is_2x2_average_pooling():
     assert pooled_grid((24, 24), 0.25) == (12, 12) and kept_count(576, 0.125) == 72
 
 
+def test_uniform_on_a_single_column_pools_along_it():
+    """Tokens without a 2-D layout (a CLIP tower under the "full" strategy: 577 x 1) keep the
+    asked fraction, averaged in consecutive runs, not sqrt(r) of them (the column cannot shrink)."""
+    assert pooled_grid((577, 1), 0.25) == (144, 1) and pooled_grid((1, 10), 0.5) == (1, 5)
+    feats = torch.arange(10.0).unsqueeze(1).repeat(1, 3)
+    out, index = COMPRESSORS["uniform"](feats, 0.5, grid=(10, 1))
+    torch.testing.assert_close(out[:, 0], torch.tensor([0.5, 2.5, 4.5, 6.5, 8.5]))  # pairs averaged
+    assert index.tolist() == [0, 2, 4, 6, 8]
+
+
 def test_random_and_text_guided_keep_order_and_count():
     g = torch.Generator().manual_seed(0)
     feats = torch.arange(20.0).unsqueeze(1).repeat(1, 3)
