@@ -75,7 +75,9 @@ class ScheduleConfig:
 
     path: str | None = None
     stage: str | None = None
-    eval_sparse: bool = False  # evaluation runs dense unless asked
+    # Evaluation runs dense unless asked; when asked, it runs the plan of the last training
+    # step before it (its keep ratio and its one draw of skipped layers), not a fresh draw.
+    eval_sparse: bool = False
 
 
 @dataclass(frozen=True)

@@ -74,6 +74,7 @@ class SparsityController:
     compressor: TokenCompressor
     skipper: LayerSkipper
     llm_trainable: bool
+    rank: int = 0  # random token dropping differs per rank; layer skipping never does
     total_steps: int = 0
     current: StepStats | None = None
     history: list[StepStats] = field(default_factory=list)
@@ -101,7 +102,7 @@ class SparsityController:
         else:
             method, keep, stage = plan.method, plan.keep_ratio, plan.stage
             skipped = sample_skipped_layers(plan.skip_prob, seed=self.seed, step=step)
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step + self.rank * 1_000_000_007)
         self.compressor.set(method, keep, generator)
         self.skipper.set_skipped(skipped)
         self.current = StepStats(step, stage, method if keep < 1.0 else None, keep, tuple(skipped))
@@ -178,6 +179,8 @@ class StsTrainer(Trainer):
                 sum(s.kept_visual_tokens for s in recent) / dense_tokens if dense_tokens else 1.0
             )
             logs["sts/skipped_layers"] = sum(len(s.skipped_layers) for s in recent) / len(recent)
+            # this process's micro-batches (rank 0's under DDP), forward + backward, without the
+            # recomputation of gradient checkpointing
             logs["sts/flops_ratio"] = sum(s.flops for s in recent) / max(sum(s.dense_flops for s in recent), 1.0)
             logs["sts/step_time_s"] = sum(s.step_time_s for s in recent) / len(recent)
         super().log(logs, start_time)
@@ -419,7 +422,7 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -
     controller = SparsityController(
         schedule=schedule, stage_name=config.schedule.stage, seed=config.training.seed, parts=parts,
         compressor=TokenCompressor(model, parts, pad_id), skipper=LayerSkipper(parts.decoder_layers),
-        llm_trainable=config.stage.llm_trainable,
+        llm_trainable=config.stage.llm_trainable, rank=args.process_index,
     )
     if config.schedule.eval_sparse:
         controller.compressor.force = controller.skipper.force = True

@@ -372,3 +372,37 @@ def test_gradient_accumulation_has_one_plan_per_optimizer_step(run_setup):
     for r in log:
         plan = sched.plan(r["step"], num_layers=2, stage="instruction", total_steps=3)
         assert r["skipped_layers"] == list(sample_skipped_layers(plan.skip_prob, seed=7, step=r["step"]))
+
+
+def test_ranks_share_layer_plans_but_not_random_token_draws():
+    """Under DDP every rank skips the same layers (a pure function of schedule, step, seed),
+    while random token dropping draws per rank (rank 0 draws what a single process draws)."""
+    from sts_train.adapters import model_parts
+    from sts_train.compress import TokenCompressor
+    from sts_train.factory import build_model
+    from sts_train.schedule import Schedule
+    from sts_train.skipper import LayerSkipper
+    from sts_train.train import SparsityController
+
+    model = build_model("test", seed=0)
+    parts = model_parts(model)
+    sched = Schedule.from_dict({"schema_version": 1, "stages": [{
+        "name": "instruction", "tokens": {"method": "random", "keep_ratio": 0.5},
+        "layers": {"policy": "per_layer", "skip_prob": [0.5, 0.5], "decay": "constant", "never_skip": []}}]})
+
+    def controller(rank):
+        return SparsityController(schedule=sched, stage_name="instruction", seed=7, parts=parts,
+                                  compressor=TokenCompressor(model, parts, 0), skipper=LayerSkipper(parts.decoder_layers),
+                                  llm_trainable=True, rank=rank, total_steps=10)
+
+    for step in range(4):
+        plans, draws = [], []
+        for rank in (0, 1):
+            c = controller(rank)
+            plans.append(c.begin_step(step).skipped_layers)
+            draws.append(torch.randperm(16, generator=c.compressor.generator))
+            c.compressor.remove()
+            c.skipper.remove()
+        single = torch.randperm(16, generator=torch.Generator().manual_seed(7 * 1_000_003 + step))
+        assert plans[0] == plans[1]
+        assert torch.equal(draws[0], single) and not torch.equal(draws[0], draws[1])
