@@ -102,6 +102,17 @@ def test_ddp_skipping_ranks_identical_and_equal_to_single_process(tmp_path):
         torch.testing.assert_close(r0["state"][key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
+def _torchrun(tmp_path, cfg: dict, timeout: int) -> None:
+    """``sts-train train`` on ``cfg`` under torchrun with 2 CPU processes; it must succeed."""
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    res = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+         str(_free_port()), "-m", "sts_train.cli", "train", str(tmp_path / "run.yaml")],
+        capture_output=True, text=True, timeout=timeout, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
 def test_sts_train_under_torchrun(tmp_path, shapes_dir):
     sched = tmp_path / "schedule.yaml"
     sched.write_text(yaml.safe_dump(SCHEDULE.to_dict()))
@@ -114,13 +125,7 @@ def test_sts_train_under_torchrun(tmp_path, shapes_dir):
                      "logging_steps": 1, "seed": SEED, "report_to": [], "gradient_checkpointing": True},
         "output_dir": str(tmp_path / "run"),
     }
-    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    res = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-         str(_free_port()), "-m", "sts_train.cli", "train", str(tmp_path / "run.yaml")],
-        capture_output=True, text=True, timeout=300, env=env)
-    assert res.returncode == 0, res.stderr[-3000:]
+    _torchrun(tmp_path, cfg, timeout=300)
     log = (tmp_path / "run" / "sts_log.jsonl").read_text().splitlines()
     assert len(log) == 3  # rank 0 alone writes
     assert (tmp_path / "run" / "checkpoint-3" / "model.safetensors").is_file()
@@ -150,11 +155,5 @@ def test_text_only_micro_batch_under_torchrun(tmp_path, shapes_dir):
                      "logging_steps": 1, "seed": SEED, "report_to": [], "gradient_checkpointing": True},
         "output_dir": str(tmp_path / "run"),
     }
-    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    res = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-         str(_free_port()), "-m", "sts_train.cli", "train", str(tmp_path / "run.yaml")],
-        capture_output=True, text=True, timeout=120, env=env)  # without the fix DDP hangs
-    assert res.returncode == 0, res.stderr[-3000:]
+    _torchrun(tmp_path, cfg, timeout=120)  # without the fix DDP hangs
     assert (tmp_path / "run" / "checkpoint-3" / "model.safetensors").is_file()
