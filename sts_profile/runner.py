@@ -17,6 +17,7 @@ import statistics
 import sys
 import warnings
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import yaml
@@ -51,6 +52,11 @@ class Plan:
     calibration: dict
     text_len: int
     notes: list[str] = field(default_factory=list)
+
+    @cached_property
+    def batches_digest(self) -> str:
+        """:func:`batches_digest` of the calibration batches, hashed once per analysis."""
+        return batches_digest(self.batches)
 
 
 def _model_facts(folder: Path) -> dict:
@@ -212,7 +218,7 @@ def cache_key(plan: Plan, ckpt: Checkpoint, with_cost: bool) -> str:
     stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     payload = {"version": __version__, "format": RESULTS_FORMAT, "path": str(ckpt.path.resolve()), "files": stats,
                "settings": plan.config.measurement_key(), "samples": plan.sample_ids,
-               "batches": batches_digest(plan.batches),
+               "batches": plan.batches_digest,
                "cost": with_cost, "name": ckpt.name, "step": ckpt.step, "stage": ckpt.stage}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 

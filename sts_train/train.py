@@ -81,17 +81,17 @@ class SparsityController:
 
     def __post_init__(self):
         self.dims = LayerDims.of(self.parts)
+        # A run trains the stage it names from that stage's start: its step 0 is the start of
+        # the stage's step range (a range sets the stage's length, not when this run began).
+        steps = None if self.schedule is None or self.stage_name is None else \
+            self.schedule.stage_named(self.stage_name).steps
+        self.step_offset = 0 if steps is None else steps.start
 
     def plan(self, step: int):
         if self.schedule is None:
             return None
-        if self.stage_name is not None:
-            # A run trains the stage it names from that stage's start: its step 0 is the start
-            # of the stage's step range (a range sets the stage's length, not when this run began).
-            steps = self.schedule.stage_named(self.stage_name).steps
-            step += 0 if steps is None else steps.start
         return self.schedule.plan(
-            step, num_layers=self.parts.num_layers, stage=self.stage_name,
+            step + self.step_offset, num_layers=self.parts.num_layers, stage=self.stage_name,
             total_steps=max(self.total_steps, 1),
         )
 
@@ -137,8 +137,9 @@ class SparsityCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self.controller.total_steps = state.max_steps
         log = self.output_dir / LOG_FILE
-        if self.write and state.global_step > 0 and log.is_file():
-            # resumed: the steps after the checkpoint run again, so their old lines go
+        if self.write and log.is_file():
+            # the log keeps the steps before this session's first (none for a fresh run; on a
+            # resume the steps after the checkpoint run again, so their old lines go)
             kept = [line for line in log.read_text().splitlines(True)
                     if line.strip() and json.loads(line)["step"] < state.global_step]
             atomic_write_text(log, "".join(kept), overwrite=True)
@@ -415,8 +416,6 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -
         shutil.rmtree(out)
     if write:
         out.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            (out / LOG_FILE).unlink(missing_ok=True)
 
     pad_id = pad_token_id(processor.tokenizer)
     controller = SparsityController(
