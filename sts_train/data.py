@@ -21,9 +21,9 @@ Prompt format (the factory chat template, LLaVA "v1" without a system prompt)::
 
     <s>USER: {human} ASSISTANT: {gpt}</s>USER: {human} ASSISTANT: {gpt}</s>
 
-Supervised tokens (labels != -100) are exactly those of ``" " + gpt_value`` followed by the EOS
-id in each assistant turn; ``<s>``, ``USER: ...``, ``ASSISTANT:`` and the image tokens are
-masked with -100.
+The whole prompt is tokenized at once (as at inference). Supervised tokens (labels != -100) are
+those that start inside ``" " + gpt_value`` and the EOS of each assistant turn; ``<s>``,
+``USER: ...``, ``ASSISTANT:`` and the image tokens are masked with -100.
 
 Try it::
 
@@ -149,66 +149,87 @@ def load_llava_json(json_path: str | Path, image_folder: str | Path | None = Non
     return samples
 
 
+def _render_spans(conversations: list[dict], bos: str, eos: str) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered prompt and the character span of each assistant turn's ``" " + value + eos``."""
+    parts, spans, length = [bos], [], len(bos)
+    for t, turn in enumerate(conversations):
+        if turn["from"] == "human":
+            piece = f"USER: {turn['value']} ASSISTANT:"
+        elif turn["from"] == "gpt":
+            piece = f" {turn['value']}{eos}"
+            spans.append((length, length + len(piece)))
+        else:
+            raise DataError(f"turn {t} is from {turn['from']!r}; use one of {', '.join(ROLES)}")
+        parts.append(piece)
+        length += len(piece)
+    return "".join(parts), spans
+
+
 def render_conversation(conversations: list[dict], *, bos: str = "<s>", eos: str = "</s>") -> str:
     """The prompt text of a conversation, with ``<image>`` not yet expanded.
 
     A conversation that ends with a human turn renders as a generation prompt ending in
     ``"ASSISTANT:"``.
     """
-    parts = [bos]
-    for turn in conversations:
-        if turn["from"] == "human":
-            parts.append(f"USER: {turn['value']} ASSISTANT:")
-        else:
-            parts.append(f" {turn['value']}{eos}")
-    return "".join(parts)
+    return _render_spans(conversations, bos, eos)[0]
 
 
 def encode_conversation(conversations: list[dict], tokenizer, *, num_image_tokens: int,
                         image_token_id: int) -> dict[str, list[int]]:
     """Token ids and labels of a conversation in the prompt format of this module.
 
-    Pieces are tokenized separately and concatenated so label boundaries are exact. Cuts fall
-    only where a byte-level BPE tokenizer splits anyway (special tokens, and before the space
-    that starts each answer), so the ids equal those of the whole rendered prompt (see
-    :func:`render_conversation`) with each ``<image>`` expanded to ``num_image_tokens`` ids.
-    A trailing human turn encodes as a generation prompt (ends with ``ASSISTANT:``).
+    The whole rendered prompt (:func:`render_conversation`, with the tokenizer's own BOS and
+    EOS strings) is tokenized at once, as at inference, and each ``<image>`` is expanded to
+    ``num_image_tokens`` ids. A token is supervised when it starts inside an assistant turn's
+    ``" " + answer + eos`` (character offsets), so labels are exact for byte-level BPE and
+    SentencePiece tokenizers alike: tokenizing pieces separately would give a SentencePiece
+    tokenizer a stray ``"▁"`` before every answer. A trailing human turn encodes as a
+    generation prompt (ends with ``ASSISTANT:``).
 
     Args:
         conversations: validated ``{"from": "human"|"gpt", "value": str}`` turns.
-        tokenizer: HF tokenizer with ``eos_token_id`` (``bos_token_id`` is used when set).
+        tokenizer: fast HF tokenizer with ``eos_token_id`` (``bos_token`` is used when set).
         num_image_tokens: ids each ``<image>`` placeholder expands to.
         image_token_id: the id of the image placeholder token.
 
     Returns:
         ``{"input_ids": list[int], "labels": list[int]}`` of equal length; labels are
-        ``IGNORE_INDEX`` except on the tokens of ``" " + answer`` and the EOS id of each
-        assistant turn.
+        ``IGNORE_INDEX`` except on the answer tokens and the EOS of each assistant turn.
 
     Raises:
-        DataError: a turn with an unknown role.
+        DataError: a turn with an unknown role; a tokenizer without EOS, without character
+            offsets (a slow tokenizer), or that does not keep ``<image>`` as one token.
     """
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no EOS token; set tokenizer.eos_token")
-
-    def tokenize(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
-
-    input_ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    labels = [IGNORE_INDEX] * len(input_ids)
-    for t, turn in enumerate(conversations):
-        if turn["from"] == "human":
-            ids: list[int] = []
-            for k, text in enumerate(f"USER: {turn['value']} ASSISTANT:".split(IMAGE_PLACEHOLDER)):
-                ids += ([image_token_id] * num_image_tokens if k else []) + tokenize(text)
-            input_ids += ids
-            labels += [IGNORE_INDEX] * len(ids)
-        elif turn["from"] == "gpt":
-            ids = tokenize(" " + turn["value"]) + [tokenizer.eos_token_id]
-            input_ids += ids
-            labels += ids
-        else:
-            raise DataError(f"turn {t} is from {turn['from']!r}; use one of {', '.join(ROLES)}")
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError(f"{type(tokenizer).__name__} is a slow tokenizer without character offsets; "
+                        "load the fast one (AutoTokenizer with use_fast=True)")
+    bos = tokenizer.bos_token if tokenizer.bos_token_id is not None else ""
+    text, answers = _render_spans(conversations, bos, tokenizer.eos_token)
+    images = []
+    at = text.find(IMAGE_PLACEHOLDER)
+    while at >= 0:
+        images.append((at, at + len(IMAGE_PLACEHOLDER)))
+        at = text.find(IMAGE_PLACEHOLDER, at + 1)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids: list[int] = []
+    labels: list[int] = []
+    expanded = set()
+    for token, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"]):
+        image = next((k for k, (a, b) in enumerate(images) if start < b and end > a), None)
+        if image is not None:
+            a, b = images[image]
+            if start < a or end > b:
+                raise DataError(f"the tokenizer merges {IMAGE_PLACEHOLDER} with the text around it; "
+                                f"add {IMAGE_PLACEHOLDER} to it as a special token")
+            if image not in expanded:
+                expanded.add(image)
+                input_ids += [image_token_id] * num_image_tokens
+                labels += [IGNORE_INDEX] * num_image_tokens
+            continue
+        input_ids.append(token)
+        labels.append(token if any(a <= start < b for a, b in answers) else IGNORE_INDEX)
     return {"input_ids": input_ids, "labels": labels}
 
 

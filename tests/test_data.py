@@ -123,6 +123,35 @@ def test_labels_supervise_only_answers_token_by_token(test_processor):
     assert tok.decode(whole[first - 4 : first]).endswith("ASSISTANT:")
 
 
+def test_labels_exact_with_a_sentencepiece_style_tokenizer():
+    """Llama-family tokenizers (Metaspace "▁") tokenize a piece that starts with a space as
+    "▁" + "▁A"...: encoding pieces separately put a stray "▁" before every answer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    sp = Tokenizer(models.BPE(unk_token="<unk>"))
+    sp.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    sp.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    corpus = ["USER: What is this? ASSISTANT: A cat.", "A cat sits on a mat.", "What color is it?"] * 5
+    sp.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=120, special_tokens=["<unk>", "<s>", "</s>", "<image>", "<pad>"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=sp, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                  pad_token="<pad>")
+    image_id = tok.convert_tokens_to_ids("<image>")
+    turns = [{"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A cat."},
+             {"from": "human", "value": "What color is it?"}, {"from": "gpt", "value": "A mat."}]
+    enc = encode_conversation(turns, tok, num_image_tokens=3, image_token_id=image_id)
+
+    whole = tok(render_conversation(turns).replace("<image>", "<image>" * 3), add_special_tokens=False)["input_ids"]
+    assert enc["input_ids"] == whole and whole.count(image_id) == 3
+    supervised = tok.convert_ids_to_tokens([t for t in enc["labels"] if t != IGNORE_INDEX])
+    assert supervised == ["▁A", "▁cat.", "</s>", "▁A", "▁mat.", "</s>"]
+    # Independent: the answer tokens are the whole prompt's tokens after each "ASSISTANT:".
+    prefix = len(tok("<s>USER: <image><image><image>\nWhat is this? ASSISTANT:", add_special_tokens=False)["input_ids"])
+    assert enc["labels"][prefix:prefix + 3] == whole[prefix:prefix + 3]
+    assert set(enc["labels"][:prefix]) == {IGNORE_INDEX}
+
+
 @pytest.mark.parametrize("split, index", [("alignment", 0), ("instruction", 0)])
 def test_image_expansion_matches_llava_processor(shapes_dir, test_processor, split, index):
     ds = _dataset(shapes_dir, split, test_processor)
