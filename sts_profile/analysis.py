@@ -36,7 +36,7 @@ import pandas as pd
 
 from sts_profile import __version__
 from sts_profile import runner
-from sts_train.configtools import atomic_write_text, check_file_target
+from sts_train.configtools import atomic_write_text, check_file_target, check_parents
 from sts_train.errors import StsError
 
 MANIFEST_FILE = "analysis.json"
@@ -145,6 +145,7 @@ def check_output_folder(out: Path, ckpt_dir: Path, overwrite: bool) -> None:
     """
     if out.exists() and not out.is_dir():
         raise StsError(f"{out}: exists and is not a folder; choose a new --out folder")
+    check_parents(out, out.absolute(), StsError)
     if not out.is_dir() or not any(out.iterdir()) or overwrite:
         return
     owner = _owner(out)

@@ -58,6 +58,11 @@ class RecipeConfig:
             object.__setattr__(self, "target_speedup", DEFAULT_TARGET_SPEEDUP)
 
 
+# What a recipe's --work folder always holds once its first phase ran: --overwrite replaces only
+# such a folder (the data set is written first, atomically).
+WORK_MARKERS = ("data/dataset_info.json",)
+
+
 class Phases:
     """Times phases and prints ``[recipe] name: N.N s`` as each ends."""
 
@@ -179,7 +184,7 @@ def check_recipe(cfg: RecipeConfig) -> None:
         StsError: one line naming the option and the fix.
     """
     from sts_profile.derive import Budget
-    from sts_train.configtools import check_replaceable
+    from sts_train.configtools import check_overwritable, check_replaceable
     from sts_train.factory import get_size
 
     get_size(cfg.size)
@@ -200,6 +205,12 @@ def check_recipe(cfg: RecipeConfig) -> None:
     if work == out or work in out.parents or out in work.parents:
         raise StsError(f"--work {cfg.work} and --out {cfg.out} overlap (writing the report replaces --out);"
                        " choose two separate folders")
+    for folder, option, markers, what in ((work, "--work", WORK_MARKERS, "recipe run"),
+                                          (out, "--out", ("summary.json",), "recipe report")):
+        if folder.is_dir() and any(folder.iterdir()):
+            if not cfg.overwrite:
+                raise StsError(f"{option} {folder}: folder is not empty; choose another folder or pass --overwrite")
+            check_overwritable(folder, markers, what)
 
 
 def run_recipe(cfg: RecipeConfig) -> dict:
@@ -216,12 +227,11 @@ def run_recipe(cfg: RecipeConfig) -> dict:
 
     check_recipe(cfg)
     work, out = Path(cfg.work), Path(cfg.out)
-    for folder in (work, out):
-        if folder.exists() and any(folder.iterdir()) and not cfg.overwrite:
-            raise StsError(f"{folder}: holds an earlier recipe run; choose another folder or pass --overwrite")
-    if cfg.overwrite:
-        for folder in (work, out):
-            shutil.rmtree(folder, ignore_errors=True)
+    if cfg.overwrite and work.exists():  # --out is replaced only when the new report is written
+        try:
+            shutil.rmtree(work)
+        except OSError as exc:
+            raise StsError(f"{work}: cannot remove the earlier run ({exc.strerror or exc}); remove it by hand") from None
     spec = get_size(cfg.size)
     phases = Phases()
     data = phases.run("data", generate_shapes, work / "data", n_alignment=cfg.n_alignment,

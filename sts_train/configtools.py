@@ -7,6 +7,7 @@ are errors that name the key path and the fix.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tempfile
 import types
@@ -83,7 +84,7 @@ def from_mapping(cls: type[T], data: Any, where: str) -> T:
         raise StsError(f"{where} must be a mapping of keys to values, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields), key=str)  # YAML keys may be bools (on/off) or numbers
     if unknown:
         raise StsError(
             f"{where}.{unknown[0]}: unknown key; allowed keys: {', '.join(fields)}"
@@ -107,6 +108,8 @@ def from_mapping(cls: type[T], data: Any, where: str) -> T:
         ok, conv = _type_ok(value, tp)
         if not ok:
             raise StsError(f"{key} = {value!r} has the wrong type; expected {_type_name(tp)}")
+        if isinstance(conv, float) and not math.isfinite(conv):
+            raise StsError(f"{key} = {value!r} is not a finite number; give a finite value")
         kwargs[name] = conv
     try:
         return cls(**kwargs)
@@ -159,9 +162,20 @@ def check_replaceable(folder: str | Path, error: type[StsError] = StsError) -> P
         raise error(f"{given}: is a symbolic link; pass the folder it points to ({resolved}) or a new folder")
     if resolved.exists() and not resolved.is_dir():
         raise error(f"{given}: exists and is not a folder; choose a new folder")
+    check_parents(given, resolved, error)
     if resolved == Path.cwd() or resolved in Path.cwd().parents:
         raise error(f"{given}: is or contains the current folder; choose a new folder")
     return resolved
+
+
+def check_overwritable(folder: str | Path, markers: tuple[str, ...], what: str,
+                       error: type[StsError] = StsError) -> None:
+    """``--overwrite`` replaces only what this tool wrote: refuse a non-empty folder that holds
+    none of ``markers`` (paths inside it that the tool always writes)."""
+    folder = Path(folder)
+    if folder.is_dir() and any(folder.iterdir()) and not any((folder / m).exists() for m in markers):
+        raise error(f"{folder}: holds files but no {what}, and --overwrite would delete them; "
+                    "choose a new or empty folder")
 
 
 def check_file_target(path: str | Path, error: type[StsError] = StsError, example: str | None = None,
@@ -174,19 +188,29 @@ def check_file_target(path: str | Path, error: type[StsError] = StsError, exampl
         raise error(f"{path}: is a folder; pass a file path{hint}")
     if path.exists() and not overwrite:
         raise error(f"{path}: file exists; choose another path or pass --overwrite")
+    check_parents(path, path.absolute(), error)
+    return path
+
+
+def check_parents(given: Path, path: Path, error: type[StsError]) -> None:
+    """Refuse a path whose nearest existing parent is a file or a folder this user cannot write."""
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
-                raise error(f"{path}: {parent} is a file, not a folder; choose another path")
-            break
-    return path
+                raise error(f"{given}: {parent} is a file, not a folder; choose another path")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise error(f"{given}: cannot write in {parent} (permission denied); choose a writable path")
+            return
 
 
 def atomic_write_text(path: str | Path, text: str, overwrite: bool = True) -> Path:
     """Write ``text`` to ``path`` through a temp file in the same folder and a rename."""
     path = check_file_target(path, overwrite=overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as exc:
+        raise StsError(f"{path}: cannot write ({exc.strerror or exc}); choose a writable path") from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)

@@ -27,7 +27,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from sts_train.configtools import check_replaceable
+from sts_train.configtools import check_overwritable, check_replaceable
 from sts_train.errors import DataError
 
 COLORS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
@@ -246,6 +246,7 @@ def generate_shapes(out_dir: str | Path, *, n_alignment: int = 200, n_instructio
     given, out_dir = Path(out_dir), check_replaceable(out_dir, DataError)
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise DataError(f"{out_dir}: folder is not empty; choose a new folder or pass --overwrite")
+    check_overwritable(out_dir, ("dataset_info.json",), "shapes data set", DataError)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))

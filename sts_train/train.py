@@ -31,7 +31,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from sts_train.adapters import ModelParts, model_parts
 from sts_train.compress import TokenCompressor
 from sts_train.config import RunConfig
-from sts_train.configtools import atomic_write_text, check_replaceable, dump_yaml
+from sts_train.configtools import atomic_write_text, check_parents, check_replaceable, dump_yaml
 from sts_train.errors import DataError, ScheduleError, StsError
 from sts_train.flops import LayerDims, llm_step_flops
 from sts_train.schedule import Schedule, load_schedule, sample_skipped_layers
@@ -269,6 +269,7 @@ def _check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
         )
     if out.exists() and not out.is_dir():
         raise StsError(f"{out}: exists and is not a folder; choose another output_dir")
+    check_parents(out, out.absolute(), StsError)
     if overwrite and not holds_run and out.is_dir() and any(out.iterdir()):
         raise StsError(f"{out}: holds files but no run, and --overwrite would delete them; choose a new"
                        " or empty output_dir")

@@ -97,3 +97,48 @@ def test_overwrite_refuses_a_symbolic_link(tmp_path):
     res = runner.invoke(app, ["make-model", "test", str(tmp_path / "link"), "--overwrite"])
     assert res.exit_code == 2 and f"{tmp_path / 'link'}: is a symbolic link; pass the folder it points to" in res.output
     assert (tmp_path / "real" / "keep.txt").read_text() == "keep"
+
+
+def test_overwrite_replaces_only_what_the_tool_wrote(tmp_path):
+    for command in (["make-data"], ["make-model", "test"]):
+        folder = tmp_path / command[0]
+        (folder / "notes").mkdir(parents=True)
+        (folder / "notes" / "thesis.txt").write_text("keep")
+        res = runner.invoke(app, [*command, str(folder), "--overwrite"])
+        assert res.exit_code == 2 and "holds files but no" in res.output and "--overwrite would delete them" in res.output
+        assert (folder / "notes" / "thesis.txt").read_text() == "keep"
+    # what make-data wrote, it replaces
+    data = tmp_path / "d"
+    sizes = ["--n-alignment", "1", "--n-instruction", "1", "--n-eval", "1", "--image-size", "16"]
+    assert runner.invoke(app, ["make-data", str(data), *sizes]).exit_code == 0
+    res = runner.invoke(app, ["make-data", str(data), "--overwrite", *sizes, "--seed", "3"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((data / "dataset_info.json").read_text())["seed"] == 3
+
+
+def test_output_under_a_file_or_unwritable_is_one_line(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    res = runner.invoke(app, ["make-data", str(tmp_path / "afile" / "sub")])
+    assert res.exit_code == 2 and f"{tmp_path / 'afile'} is a file, not a folder; choose another path" in res.output
+    res = runner.invoke(app, ["make-model", "test", str(tmp_path / "afile" / "sub")])
+    assert res.exit_code == 2 and f"{tmp_path / 'afile'} is a file, not a folder" in res.output
+    from sts_train.configtools import atomic_write_text
+    from sts_train.errors import StsError
+    with pytest.raises(StsError, match=r"^/proc/nonexistent/x.json: cannot write"):
+        atomic_write_text("/proc/nonexistent/x.json", "x")
+
+
+def test_run_config_refuses_non_finite_numbers_and_mixed_key_types(tmp_path):
+    from sts_train.config import load_run_config
+    from sts_train.errors import StsError
+
+    base = {"model": {"size": "test"}, "data": {"json": "d.json"}, "output_dir": str(tmp_path / "run")}
+    for key, value in (("learning_rate", float("nan")), ("num_train_epochs", float("inf")), ("weight_decay", "inf")):
+        path = tmp_path / f"{key}.yaml"
+        path.write_text(yaml.safe_dump({**base, "training": {key: value}}))
+        with pytest.raises(StsError, match=rf"training.{key} = .* is not a finite number; give a finite value"):
+            load_run_config(path)
+    path = tmp_path / "mixed.yaml"
+    path.write_text(yaml.safe_dump(base) + "training: {max_steps: 5, on: 1, foo: 2}\n")
+    with pytest.raises(StsError, match="training.True: unknown key"):
+        load_run_config(path)

@@ -300,6 +300,7 @@ def test_output_folder_with_another_analysis(analyzed, trainer_run, tmp_path):
     (busy / "notes.txt").write_text("mine")
     _one_line_error(_analyze(trainer_run, busy), "not empty", "--overwrite")
     assert sorted(p.name for p in busy.iterdir()) == ["notes.txt"]
+    _one_line_error(_analyze(trainer_run, busy / "notes.txt" / "out"), "notes.txt is a file, not a folder")
     # --overwrite replaces the other analysis (its cache included) and leaves other files alone
     replaced = tmp_path / "replaced"
     shutil.copytree(out, replaced)

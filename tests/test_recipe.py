@@ -59,8 +59,19 @@ def test_recipe_refuses_existing_work_folder(tmp_path):
     res = CliRunner().invoke(app, ["recipe", "--size", "test", "--work", str(tmp_path / "work"),
                                    "--out", str(tmp_path / "report")])
     assert res.exit_code == 2
-    assert "holds an earlier recipe run; choose another folder or pass --overwrite" in res.output
+    assert "--work " + str(tmp_path / "work") + ": folder is not empty; choose another folder or pass --overwrite" in res.output
     assert (tmp_path / "work" / "mine.txt").read_text() == "keep"
+    # --overwrite replaces only a recipe's own folders: not one that holds something else
+    for option, name, what in (("--work", "work", "recipe run"), ("--out", "report", "recipe report")):
+        other = "report" if name == "work" else "work2"
+        (tmp_path / name).mkdir(exist_ok=True)
+        (tmp_path / name / "mine.txt").write_text("keep")
+        res = CliRunner().invoke(app, ["recipe", "--size", "test", option, str(tmp_path / name),
+                                       "--work" if option == "--out" else "--out", str(tmp_path / other),
+                                       "--overwrite"])
+        assert res.exit_code == 2
+        assert f"{tmp_path / name}: holds files but no {what}, and --overwrite would delete them" in res.output
+        assert (tmp_path / name / "mine.txt").read_text() == "keep"
 
 
 @pytest.mark.parametrize("args, message", [

@@ -307,6 +307,9 @@ def test_overwrite_only_replaces_a_run(run_setup, monkeypatch):
     res = _cli(["train", _write(tmp / "here.yaml", dict(cfg, output_dir=".")), "--overwrite"])
     assert res.exit_code == 2 and ".: is or contains the current folder; choose a new folder" in res.output
     assert (mine / "notes.txt").read_text() == "keep"
+    # an output_dir under a file is refused before the model loads
+    res = _cli(["train", _write(tmp / "under.yaml", dict(cfg, output_dir=str(mine / "notes.txt" / "run")))])
+    assert res.exit_code == 2 and f"{mine / 'notes.txt'} is a file, not a folder; choose another path" in res.output
 
 
 def test_resume_onto_another_model_is_one_line(run_setup):
