@@ -67,7 +67,9 @@ class StageConfig:
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    """The schedule file and which of its stages this run trains (by step ranges if omitted).
+    """The schedule file and which of its stages this run trains (default: the stage named
+    like ``stage.name``; by step ranges, or the only stage, when the schedule has none of the
+    training stages' names).
 
     A named stage with a step range starts at this run's step 0: a run trains one stage from
     its start, and the range sets the stage's length (its progress runs over ``end - start``).
@@ -78,6 +80,11 @@ class ScheduleConfig:
     # Evaluation runs dense unless asked; when asked, it runs the plan of the last training
     # step before it (its keep ratio and its one draw of skipped layers), not a fresh draw.
     eval_sparse: bool = False
+
+    def __post_init__(self):
+        if self.path is None and (self.stage is not None or self.eval_sparse):
+            given = "schedule.stage" if self.stage is not None else "schedule.eval_sparse"
+            raise StsError(f"{given} is set but schedule.path is not; add schedule.path or drop {given}")
 
 
 @dataclass(frozen=True)

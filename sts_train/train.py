@@ -30,7 +30,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from sts_train.adapters import ModelParts, model_parts
 from sts_train.compress import TokenCompressor
-from sts_train.config import RunConfig
+from sts_train.config import STAGES, RunConfig
 from sts_train.configtools import atomic_write_text, check_parents, check_replaceable, dump_yaml
 from sts_train.errors import DataError, ScheduleError, StsError
 from sts_train.flops import LayerDims, llm_step_flops
@@ -296,6 +296,33 @@ def _freeze_for_stage(model, parts: ModelParts, config: RunConfig) -> None:
         raise StsError("stage: nothing to train; enable train_projector, train_llm or train_vision")
 
 
+def schedule_stage(schedule: Schedule, config: RunConfig) -> str | None:
+    """The schedule stage this run trains: ``schedule.stage`` when given, else the stage named
+    like ``stage.name``, else None (the stage by step ranges, or an unranged schedule's only one).
+
+    Raises:
+        StsError: the named stage is missing, or names the other training stage (an
+            instruction run would train with the alignment plan); ``schedule.stage`` is omitted
+            and the schedule names the other training stage but not this one.
+    """
+    run_stage, named = config.stage.name, config.schedule.stage
+    names = [s.name for s in schedule.stages]
+    if named is not None:
+        schedule.stage_named(named)
+        if named in STAGES and named != run_stage:
+            raise StsError(f"schedule.stage = {named!r} but stage.name = {run_stage!r}: the {run_stage} run would "
+                           f"train with the {named} plan; set schedule.stage: {run_stage} (add that stage to the "
+                           "schedule) or fix stage.name")
+        return named
+    if run_stage in names:
+        return run_stage
+    others = [n for n in names if n in STAGES]
+    if others:
+        raise StsError(f"{config.schedule.path}: no stage named {run_stage!r} for this {run_stage} run (stages: "
+                       f"{', '.join(names)}); add a {run_stage!r} stage to the schedule")
+    return None
+
+
 def _check_schedule_fits(schedule: Schedule, parts: ModelParts, dataset, stage_name: str | None) -> None:
     schedule.check_model(parts.num_layers)
     # a plan must be computable (e.g. a schedule of several unranged stages needs a stage name)
@@ -385,8 +412,7 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -
     _check_output_dir(out, resume, overwrite)
     check_training_args(config.training)
     schedule = load_schedule(config.schedule.path) if config.schedule.path else None
-    if schedule is not None and config.schedule.stage is not None:
-        schedule.stage_named(config.schedule.stage)
+    stage_name = schedule_stage(schedule, config) if schedule is not None else None
     model, processor = load_model_and_processor(config.model.path, config.model.size, config.model.seed)
     parts = model_parts(model)
     images = config.data.images
@@ -400,7 +426,7 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -
         raise DataError(f"{config.data.json}: no samples; add entries to the data file")
     skips_layers = schedule is not None and any(s.layers is not None for s in schedule.stages)
     if schedule is not None:
-        _check_schedule_fits(schedule, parts, train_set, config.schedule.stage)
+        _check_schedule_fits(schedule, parts, train_set, stage_name)
     _refuse_unsupported_launch(skips_layers)
     _freeze_for_stage(model, parts, config)
     model.config.use_cache = False
@@ -420,7 +446,7 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -
 
     pad_id = pad_token_id(processor.tokenizer)
     controller = SparsityController(
-        schedule=schedule, stage_name=config.schedule.stage, seed=config.training.seed, parts=parts,
+        schedule=schedule, stage_name=stage_name, seed=config.training.seed, parts=parts,
         compressor=TokenCompressor(model, parts, pad_id), skipper=LayerSkipper(parts.decoder_layers),
         llm_trainable=config.stage.llm_trainable, rank=args.process_index,
     )

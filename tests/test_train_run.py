@@ -175,15 +175,41 @@ def test_schedule_that_does_not_fit_the_model(run_setup, case, patch, message):
     assert not (tmp / "run").exists()
 
 
-def test_schedule_with_several_stages_needs_a_stage_name(run_setup):
+def test_schedule_stage_defaults_to_the_run_stage_and_mismatches_are_refused(run_setup):
     tmp, cfg = run_setup
     _write(tmp / "schedule.yaml", {"schema_version": 1, "stages": [
-        {"name": "alignment", "tokens": {"method": "uniform", "keep_ratio": 0.25}},
-        {"name": "instruction", "tokens": {"method": "uniform", "keep_ratio": 0.5}}]})
+        {"name": "alignment", "tokens": {"method": "uniform", "keep_ratio": 0.25}, "steps": {"start": 0, "end": 4}},
+        {"name": "instruction", "tokens": {"method": "uniform", "keep_ratio": 0.5}, "steps": {"start": 4, "end": 10}}]})
     cfg["schedule"] = {"path": str(tmp / "schedule.yaml")}
+    cfg["training"] = dict(cfg["training"], max_steps=2, save_steps=2)
+    # no schedule.stage: the instruction run trains the instruction stage from its start, not
+    # the alignment plan its steps 0-1 fall in by range
     res = _cli(["train", _write(tmp / "run.yaml", cfg)])
+    assert res.exit_code == 0, res.output
+    log = [json.loads(line) for line in (tmp / "run" / "sts_log.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["keep_ratio"]) for r in log] == [("instruction", 0.5)] * 2
+    for schedule, message in (
+        ({"path": str(tmp / "schedule.yaml"), "stage": "alignment"},
+         "schedule.stage = 'alignment' but stage.name = 'instruction': the instruction run would train with the"
+         " alignment plan"),
+        ({"stage": "instruction"}, "schedule.stage is set but schedule.path is not; add schedule.path"),
+        ({"eval_sparse": True}, "schedule.eval_sparse is set but schedule.path is not"),
+    ):
+        res = _cli(["train", _write(tmp / "run.yaml", dict(cfg, schedule=schedule, output_dir=str(tmp / "r2")))])
+        assert res.exit_code == 2 and message in res.output and len(res.output.strip().splitlines()) == 1
+    _write(tmp / "align_only.yaml", {"schema_version": 1, "stages": [
+        {"name": "alignment", "tokens": {"method": "uniform", "keep_ratio": 0.25}}]})
+    res = _cli(["train", _write(tmp / "run.yaml", dict(cfg, schedule={"path": str(tmp / "align_only.yaml")},
+                                                      output_dir=str(tmp / "r2")))])
+    assert res.exit_code == 2 and "no stage named 'instruction' for this instruction run" in res.output
+    # stages named otherwise: several unranged ones still need a name
+    _write(tmp / "custom.yaml", {"schema_version": 1, "stages": [
+        {"name": "warm", "tokens": {"method": "uniform", "keep_ratio": 0.25}},
+        {"name": "main", "tokens": {"method": "uniform", "keep_ratio": 0.5}}]})
+    res = _cli(["train", _write(tmp / "run.yaml", dict(cfg, schedule={"path": str(tmp / "custom.yaml")},
+                                                      output_dir=str(tmp / "r2")))])
     assert res.exit_code == 2 and "stage" in res.output and len(res.output.strip().splitlines()) == 1
-    assert not (tmp / "run").exists()
+    assert not (tmp / "r2").exists()
 
 
 def test_text_guided_needs_instruction_text(run_setup, shapes_dir):
