@@ -48,8 +48,8 @@ def analyze(
     max_loss_increase: Optional[float] = typer.Option(None, "--max-loss-increase",
                                                       help="Schedule budget: tolerated loss increase (default 0.05)."),
     policy: str = typer.Option("profile", "--policy", help="profile (derived) or paper (fixed formula)."),
-    alpha: float = typer.Option(0.5, "--alpha", help="Paper policy: skip-probability scale."),
-    eps: float = typer.Option(0.2, "--eps", help="Paper policy: depth slope."),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="Paper policy: skip-probability scale (default 0.5)."),
+    eps: Optional[float] = typer.Option(None, "--eps", help="Paper policy: depth slope (default 0.2)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace another analysis in --out."),
 ) -> None:
     """Analyze every checkpoint of a run: tables, plots, report and a derived schedule."""
@@ -68,12 +68,23 @@ def analyze(
             images=None if images is None else str(images), num_samples=samples, batch_size=batch_size,
             seed=seed, device=device, dtype=dtype, probes=probes, trace=trace,
             layers_for_attention=layers, target_speedup=target_speedup,
-            max_loss_increase=max_loss_increase, policy=policy, alpha=alpha, eps=eps, overwrite=overwrite,
+            max_loss_increase=max_loss_increase, policy=policy, overwrite=overwrite, **_paper_params(policy, alpha, eps),
         )
         result = run_analysis(config)
         if result is not None:
             typer.echo(f"done: {len(result.manifest['checkpoints'])} checkpoints -> {out} "
                        f"(report.html, schedule.yaml, layers/tokens/cost tables)")
+
+
+def _paper_params(policy: str, alpha: float | None, eps: float | None) -> dict:
+    """The given --alpha/--eps; they set the paper formula, so another policy refuses them."""
+    from sts_train.errors import StsError
+
+    given = {name: value for name, value in (("alpha", alpha), ("eps", eps)) if value is not None}
+    if given and policy != "paper":
+        raise StsError(f"--{next(iter(given))} applies to --policy paper only (--policy {policy} derives its rates);"
+                       " remove it or pass --policy paper")
+    return given
 
 
 @app.command()
@@ -83,8 +94,8 @@ def schedule(
     target_speedup: Optional[float] = typer.Option(None, "--target-speedup", help="FLOPs speedup, e.g. 1.8."),
     max_loss_increase: Optional[float] = typer.Option(None, "--max-loss-increase", help="Tolerated loss increase."),
     policy: str = typer.Option("profile", "--policy", help="profile (derived) or paper (fixed formula)."),
-    alpha: float = typer.Option(0.5, "--alpha", help="Paper policy: skip-probability scale."),
-    eps: float = typer.Option(0.2, "--eps", help="Paper policy: depth slope."),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="Paper policy: skip-probability scale (default 0.5)."),
+    eps: Optional[float] = typer.Option(None, "--eps", help="Paper policy: depth slope (default 0.2)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing schedule file."),
 ) -> None:
     """Derive schedule.yaml from the tables of an analysis and a budget."""
@@ -93,7 +104,7 @@ def schedule(
         from sts_profile.derive import Budget
 
         budget = Budget(target_speedup=target_speedup, max_loss_increase=max_loss_increase,
-                        policy=policy, alpha=alpha, eps=eps)
+                        policy=policy, **_paper_params(policy, alpha, eps))
         path = schedule_from_tables(tables_dir, budget, output, overwrite=overwrite)
         typer.echo(f"wrote {path}")
 

@@ -411,6 +411,9 @@ def derive_from_tables_dir(tables_dir: str | Path, budget: Budget, out_path: str
             manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise StsError(f"{manifest_path}: not valid JSON; re-run `sts-profile analyze`") from None
+        if not isinstance(manifest, dict) or any(
+                not isinstance(manifest.get(key, 0), int) for key in ("num_layers", "num_visual_tokens")):
+            raise StsError(f"{manifest_path}: not the manifest `sts-profile analyze` writes; re-run it")
     layers, tokens = _read_table(tables_dir, "layers"), _read_table(tables_dir, "tokens")
     if budget.policy == "profile" and layers is None and tokens is None:
         raise StsError(f"{tables_dir}: no layers.parquet or tokens.parquet; pass the --out folder of"

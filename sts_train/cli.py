@@ -155,6 +155,8 @@ def plan(
     with user_errors():
         from sts_train.schedule import load_schedule
 
+        if layers < 1:
+            raise StsError(f"--layers {layers}: must be >= 1 (the model's decoder layers)")
         if steps < 1:
             raise StsError(f"--steps {steps}: must be >= 1 (the run's total optimizer steps)")
         if every < 0:

@@ -40,6 +40,11 @@ def choice(owner: str, key: str, value: Any, options: Any) -> None:
 
 def number(owner: str, key: str, value: Any, lo: float, hi: float, interval: str) -> float:
     """Check ``value`` is a real number inside ``interval`` (bounds ``lo``/``hi``) and return it."""
+    if isinstance(value, str):  # YAML 1.1 reads 5e-1 (no dot) as a string; the run config accepts it too
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise FieldError(owner, key, f"= {value!r} is not a number; write a number in {interval}")
     value = float(value)

@@ -76,6 +76,8 @@ def test_evaluate_and_plan_check_their_flags_first(tmp_path):
         "method": "uniform", "keep_ratio": 0.5}}]}))
     res = runner.invoke(app, ["plan", str(sched), "--layers", "4", "--steps", "0"])
     assert res.exit_code == 2 and "--steps 0: must be >= 1" in res.output
+    res = runner.invoke(app, ["plan", str(sched), "--layers", "0", "--steps", "5"])
+    assert res.exit_code == 2 and "--layers 0: must be >= 1 (the model's decoder layers)" in res.output
     res = runner.invoke(app, ["plan", str(sched), "--layers", "4", "--steps", "5", "--every", "-1"])
     assert res.exit_code == 2 and "--every -1: must be >= 1, or 0" in res.output
     # no model is loaded: the flags are refused before the evaluation starts
@@ -142,3 +144,15 @@ def test_run_config_refuses_non_finite_numbers_and_mixed_key_types(tmp_path):
     path.write_text(yaml.safe_dump(base) + "training: {max_steps: 5, on: 1, foo: 2}\n")
     with pytest.raises(StsError, match="training.True: unknown key"):
         load_run_config(path)
+
+
+def test_schedule_numbers_in_exponent_form_without_a_dot(tmp_path):
+    """YAML 1.1 reads 5e-1 as a string; the run config accepts it, so the schedule does too."""
+    sched = tmp_path / "s.yaml"
+    sched.write_text("schema_version: 1\nstages:\n- name: instruction\n  tokens: {method: uniform, keep_ratio: 5e-1}\n")
+    res = runner.invoke(app, ["plan", str(sched), "--layers", "4", "--steps", "2"])
+    assert res.exit_code == 0, res.output
+    assert res.output.splitlines()[1].split()[:4] == ["0", "instruction", "uniform", "0.500"]
+    sched.write_text(sched.read_text().replace("5e-1", "half"))
+    res = runner.invoke(app, ["plan", str(sched), "--layers", "4", "--steps", "2"])
+    assert res.exit_code == 2 and "'half' is not a number" in res.output

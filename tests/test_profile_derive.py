@@ -572,6 +572,23 @@ def test_derive_from_tables_dir(tmp_path):
     (tmp_path / "analysis.json").write_text("{}")
     with pytest.raises(StsError, match="num_visual_tokens is missing"):
         derive_from_tables_dir(tmp_path, Budget(target_speedup=1.5), out, overwrite=True)
+    for broken in ("[]", json.dumps({"num_layers": "eight", "num_visual_tokens": NUM_VISUAL})):
+        (tmp_path / "analysis.json").write_text(broken)
+        with pytest.raises(StsError, match="analysis.json: not the manifest `sts-profile analyze` writes; re-run it"):
+            derive_from_tables_dir(tmp_path, Budget(target_speedup=1.5), out, overwrite=True)
+    # --alpha/--eps set the paper formula: the profile policy refuses them instead of ignoring them
+    from typer.testing import CliRunner
+    from sts_profile.cli import app
+
+    (tmp_path / "analysis.json").write_text(json.dumps(manifest))
+    res = CliRunner().invoke(app, ["schedule", str(tmp_path), "-o", str(tmp_path / "s2.yaml"), "--target-speedup",
+                                   "1.5", "--alpha", "0.9"])
+    assert res.exit_code == 2 and "--alpha applies to --policy paper only" in res.output
+    assert not (tmp_path / "s2.yaml").exists()
+    res = CliRunner().invoke(app, ["schedule", str(tmp_path), "-o", str(tmp_path / "s2.yaml"), "--policy", "paper",
+                                   "--alpha", "0.4"])
+    assert res.exit_code == 0, res.output
+    assert load_schedule(tmp_path / "s2.yaml").stage_named("instruction").layers.alpha == 0.4
 
 
 def test_one_table_missing():
