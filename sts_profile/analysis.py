@@ -38,6 +38,7 @@ from sts_profile import __version__
 from sts_profile import runner
 from sts_train.configtools import atomic_write_text, check_file_target, check_parents
 from sts_train.errors import StsError
+from sts_train.modelio import check_device
 
 MANIFEST_FILE = "analysis.json"
 CACHE_DIR = ".cache"
@@ -90,18 +91,7 @@ class AnalyzeConfig:
                 raise StsError(f"{flag} {value!r}: must be an integer >= 1")
         if self.dtype not in DTYPES:
             raise StsError(f"--dtype {self.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
-        if not isinstance(self.device, str) or not self.device.split(":")[0] in ("cpu", "cuda", "mps", "xpu"):
-            raise StsError(f"--device {self.device!r} is not known; use cpu, cuda or cuda:N")
-        kind, _, index = self.device.partition(":")
-        if kind == "cuda":
-            import torch
-
-            count = torch.cuda.device_count()
-            if count == 0:
-                raise StsError(f"--device {self.device}: no CUDA device is visible; use --device cpu")
-            if index and (not index.isdigit() or int(index) >= count):
-                raise StsError(f"--device {self.device}: {count} CUDA device(s) visible; pass cuda:0 to"
-                               f" cuda:{count - 1}")
+        check_device(self.device)
         if self.layers_for_attention is not None:
             object.__setattr__(self, "layers_for_attention", tuple(int(i) for i in self.layers_for_attention))
         self.budget()  # validate the budget before any work

@@ -129,7 +129,8 @@ def evaluate_run(run_dir: Path, data: dict, limit: int | None) -> dict:
     final = final_checkpoint(run_dir / "instruction")
     model, processor = load_model(final), load_processor(final)
     qa = evaluate_split(model, processor, data["instruction_eval"], data["images"].parent, limit=limit)
-    captions = evaluate_split(model, processor, data["alignment_eval"], data["images"].parent, accuracy=False)
+    captions = evaluate_split(model, processor, data["alignment_eval"], data["images"].parent, accuracy=False,
+                              limit=limit)
     return {"checkpoint": str(final), "eval_loss_qa": qa["eval_loss"], "answer_accuracy": qa["answer_accuracy"],
             "answered": qa["answered"], "per_kind": qa["per_kind"], "eval_loss_captions": captions["eval_loss"],
             "outcomes": qa["outcomes"]}

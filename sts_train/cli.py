@@ -125,6 +125,7 @@ def evaluate(
     json_out: Optional[Path] = typer.Option(
         None, "--json", help="Also write the result to this JSON file, with every answer's outcome."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --json file."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
 ) -> None:
     """Dense evaluation: held-out loss and exact-match answer accuracy (greedy, every turn)."""
     with user_errors():
@@ -137,7 +138,7 @@ def evaluate(
             raise StsError(f"--limit {limit}: must be >= 1; omit it to evaluate every sample")
         if json_out is not None:  # before the evaluation, not after it
             check_file_target(json_out, example="eval.json", overwrite=overwrite)
-        result = evaluate_folder(model_dir, data, images, accuracy=not no_accuracy, limit=limit)
+        result = evaluate_folder(model_dir, data, images, accuracy=not no_accuracy, limit=limit, device=device)
         if json_out is not None:
             atomic_write_text(json_out, json.dumps(result, indent=2) + "\n", overwrite=overwrite)
         typer.echo(json.dumps({k: v for k, v in result.items() if k != "outcomes"}, indent=2))

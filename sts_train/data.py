@@ -93,6 +93,12 @@ def _check_entry(entry: object, index: int, json_path: Path) -> dict:
                         "for one image; keep exactly one")
     elif n_placeholders == 0:
         normalized[0]["value"] = IMAGE_PLACEHOLDER + "\n" + normalized[0]["value"]
+    kinds = entry.get("kinds")
+    n_answers = sum(turn["from"] == "gpt" for turn in normalized)
+    if kinds is not None and (not isinstance(kinds, list) or len(kinds) != n_answers
+                              or not all(isinstance(k, str) for k in kinds)):
+        raise DataError(f"{where}: 'kinds' must list one question kind (a string) per gpt turn "
+                        f"({n_answers}), got {kinds!r}; fix it or drop the key")
     sample = {k: v for k, v in entry.items() if k not in ("id", "conversations", "image")}
     sample["id"] = sample_id
     if image is not None:
@@ -129,6 +135,9 @@ def load_llava_json(json_path: str | Path, image_folder: str | Path | None = Non
     try:
         entries = json.loads(json_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data" and exc.colno == 1:
+            raise DataError(f"{json_path}: one JSON object per line (JSON Lines) at line {exc.lineno}; the "
+                            "LLaVA format is one JSON list: wrap the lines in [ ] with commas") from None
         raise DataError(f"{json_path}: invalid JSON at line {exc.lineno} column {exc.colno} "
                         f"({exc.msg}); fix the file") from None
     except UnicodeDecodeError:
@@ -146,7 +155,23 @@ def load_llava_json(json_path: str | Path, image_folder: str | Path | None = Non
         raise DataError(f"{_where(json_path, i, s['id'])}: image {s['image']!r} not found in "
                         f"image folder {folder} ({len(missing)} of {len(samples)} samples have a "
                         "missing image); fix image_folder or the paths")
+    unreadable = [(i, s) for i, s in enumerate(samples) if "image" in s and not _image_header_ok(folder / s["image"])]
+    if unreadable:
+        i, s = unreadable[0]
+        raise DataError(f"{_where(json_path, i, s['id'])}: image {s['image']!r} is not a readable image "
+                        f"({len(unreadable)} of {len(samples)} samples have one); replace the files")
     return samples
+
+
+def _image_header_ok(path: Path) -> bool:
+    """Whether PIL recognizes the file as an image (reads the header only, not the pixels)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path):
+            return True
+    except (OSError, Image.DecompressionBombError):
+        return False
 
 
 def _render_spans(conversations: list[dict], bos: str, eos: str) -> tuple[str, list[tuple[int, int]]]:
@@ -248,8 +273,9 @@ class LlavaDataset(torch.utils.data.Dataset):
 
     Raises:
         DataError: see :func:`load_llava_json`; also when ``max_length`` would cut image
-            tokens of some sample (every sample is checked up front), or an image cannot be
-            decoded (when the item is read).
+            tokens of some sample or all of its answer tokens (every sample is checked up
+            front), or an image's pixels cannot be decoded (when the item is read; its header
+            is checked up front).
     """
 
     def __init__(self, json_path: str | Path, image_folder: str | Path | None, processor, *,
@@ -274,7 +300,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         self.image_token_id = int(image_token_id)
         if max_length is not None:
             for index in range(len(self.samples)):
-                self._check_image_fits(index)
+                self._check_fits(index)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -284,19 +310,24 @@ class LlavaDataset(torch.utils.data.Dataset):
                                    image_token_id=self.image_token_id,
                                    num_image_tokens=self.num_image_tokens)
 
-    def _check_image_fits(self, index: int) -> None:
-        """Raise if ``max_length`` cuts image tokens (encodes only up to the image's turn)."""
+    def _check_fits(self, index: int) -> None:
+        """Raise if ``max_length`` cuts image tokens or leaves no answer token (encodes only up
+        to the image's turn and the first answer)."""
         sample = self.samples[index]
-        if "image" not in sample:
-            return
         turns = sample["conversations"]
-        last = max(t for t, turn in enumerate(turns) if IMAGE_PLACEHOLDER in turn["value"])
-        ids = self._encode(turns[: last + 1])["input_ids"]
-        image_end = len(ids) - ids[::-1].index(self.image_token_id)
-        if image_end > self.max_length:
-            raise DataError(f"{_where(self.json_path, index, sample['id'])}: max_length="
-                            f"{self.max_length} cuts its image tokens (they end at position "
-                            f"{image_end}); use max_length >= {image_end} or a shorter prompt")
+        images = [t for t, turn in enumerate(turns) if IMAGE_PLACEHOLDER in turn["value"]]
+        encoded = self._encode(turns[: max(images[-1] + 1 if images else 0, 2)])
+        ids, labels = encoded["input_ids"], encoded["labels"]
+        where = _where(self.json_path, index, sample["id"])
+        if images:
+            image_end = len(ids) - ids[::-1].index(self.image_token_id)
+            if image_end > self.max_length:
+                raise DataError(f"{where}: max_length={self.max_length} cuts its image tokens (they end at "
+                                f"position {image_end}); use max_length >= {image_end} or a shorter prompt")
+        first = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+        if first >= self.max_length:
+            raise DataError(f"{where}: max_length={self.max_length} cuts every answer token (the first "
+                            f"answer starts at position {first}); use max_length > {first} or a shorter prompt")
 
     def _load_pixels(self, index: int) -> torch.Tensor:
         from PIL import Image
@@ -317,7 +348,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         input_ids, labels = encoded["input_ids"], encoded["labels"]
         if self.max_length is not None and len(input_ids) > self.max_length:
             if self.image_token_id in input_ids[self.max_length:]:  # checked at init; kept as guard
-                self._check_image_fits(index)
+                self._check_fits(index)
             input_ids, labels = input_ids[: self.max_length], labels[: self.max_length]
         return {
             "input_ids": torch.tensor(input_ids, dtype=torch.long),

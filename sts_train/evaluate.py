@@ -33,7 +33,7 @@ from sts_train.data import IGNORE_INDEX
 
 def first_word(text: str) -> str:
     """``" Red.</s>"`` -> ``"red"``."""
-    match = re.search(r"[A-Za-z0-9]+", text)
+    match = re.search(r"[^\W_]+", text)  # letters and digits of any script
     return match.group(0).lower() if match else ""
 
 
@@ -85,13 +85,14 @@ def score(model, dataset, collator, batch_size: int = 8, limit: int | None = Non
         lists ``[sample id, turn, kind, correct]`` per scored answer (for paired comparisons).
     """
     model.eval()
+    device = next(model.parameters()).device
     eos = dataset.tokenizer.eos_token_id
     n_samples = min(len(dataset), limit) if limit else len(dataset)
     total, count, outcomes = 0.0, 0, []
     for start in range(0, n_samples, batch_size):
         rows = range(start, min(start + batch_size, n_samples))
         items = [dataset[i] for i in rows]
-        batch = collator(items)
+        batch = {key: value.to(device) for key, value in collator(items).items()}
         labels = batch.pop("labels")
         target = labels[:, 1:]
         supervised = target != IGNORE_INDEX
@@ -138,15 +139,22 @@ def prior_accuracy(train_samples: list[dict], eval_samples: list[dict]) -> dict:
     return _accuracy((kind, guess.get(kind) == word) for s in eval_samples for kind, word in _references(s))
 
 
+def _paired_keys(outcomes: list) -> Iterable[tuple[tuple, bool]]:
+    seen: Counter = Counter()
+    for sid, t, _, ok in outcomes:
+        seen[(str(sid), t)] += 1
+        yield (str(sid), t, seen[(str(sid), t)]), ok
+
+
 def paired_difference(a: list, b: list) -> dict:
     """Accuracy of ``b`` minus ``a`` on the answers both scored, with its standard error.
 
     ``a`` and ``b`` are :func:`score` outcomes of two models on the same split. Answers are
-    paired by (sample id, turn); the standard error is that of the mean per-answer difference.
+    paired by (sample id, turn, occurrence): a repeated id pairs in order. The standard error is that of the mean per-answer difference.
     The answers of one image are correlated, so treat it as a lower bound.
     """
-    first = {(sid, t): ok for sid, t, _, ok in a}
-    diffs = [float(ok) - float(first[(sid, t)]) for sid, t, _, ok in b if (sid, t) in first]
+    first = dict(_paired_keys(a))
+    diffs = [float(ok) - float(first[key]) for key, ok in _paired_keys(b) if key in first]
     n = len(diffs)
     if n < 2:
         return {"difference": float("nan"), "stderr": float("nan"), "paired": n}
@@ -176,14 +184,16 @@ def evaluate_split(model, processor, json_path: str | Path, images: str | Path |
 
 
 def evaluate_folder(model_dir: str | Path, json_path: str | Path, images: str | Path | None, *,
-                    batch_size: int = 8, accuracy: bool = True, limit: int | None = None) -> dict:
-    """Load a model folder (plain transformers) and evaluate it on a LLaVA JSON split.
+                    batch_size: int = 8, accuracy: bool = True, limit: int | None = None,
+                    device: str = "cpu") -> dict:
+    """Load a model folder (plain transformers) onto ``device`` and evaluate it on a LLaVA JSON split.
 
     Raises:
-        StsError: bad model folder or data (one-line messages).
+        StsError: bad model folder, data or device (one-line messages).
     """
-    from sts_train.modelio import load_model, load_processor
+    from sts_train.modelio import check_device, load_model, load_processor
 
-    model, processor = load_model(model_dir), load_processor(model_dir)
+    check_device(device)
+    model, processor = load_model(model_dir, device=device), load_processor(model_dir)
     return {"model": str(model_dir), **evaluate_split(model, processor, json_path, images, batch_size=batch_size,
                                                       accuracy=accuracy, limit=limit)}

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from sts_train.adapters import ADAPTERS
-from sts_train.errors import ModelError
+from sts_train.errors import ModelError, StsError
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -63,6 +63,26 @@ def read_model_type(folder: str | Path) -> str:
             f"({', '.join(ADAPTERS)})"
         )
     return model_type
+
+
+def check_device(device: str) -> None:
+    """Refuse a ``--device`` that is not cpu, cuda[:N], mps or xpu, or names a CUDA device that is not visible.
+
+    Raises:
+        StsError: one line naming the device and the fix.
+    """
+    if not isinstance(device, str) or not device.split(":")[0] in ("cpu", "cuda", "mps", "xpu"):
+        raise StsError(f"--device {device!r} is not known; use cpu, cuda or cuda:N")
+    kind, _, index = device.partition(":")
+    if kind == "cuda":
+        import torch
+
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise StsError(f"--device {device}: no CUDA device is visible; use --device cpu")
+        if index and (not index.isdigit() or int(index) >= count):
+            raise StsError(f"--device {device}: {count} CUDA device(s) visible; pass cuda:0 to"
+                           f" cuda:{count - 1}")
 
 
 def load_model(folder: str | Path, *, dtype=None, device=None):

@@ -47,6 +47,7 @@ QUESTIONS = {
 CAPTION_PROMPT = "Describe the image briefly."
 TEXT_ONLY_KINDS = ("text_shape", "text_color")
 TEXT_ONLY_EVERY = 20  # every 20th instruction sample is text-only (5%)
+MAX_REDRAWS = 1000  # a held-out image that keeps repeating a training one: the pixel space is used up
 
 _RGB = {
     "red": (220, 30, 30), "green": (30, 160, 60), "blue": (40, 80, 220),
@@ -195,8 +196,13 @@ def _write_split(folder: Path, name: str, kind: str, count: int, prefix: str, se
             samples.append(_text_only_sample(rng, sample_id))
             continue
         params = _draw_params(rng, size_px)
-        while _pixel_key(params) in avoid_keys:
+        for _ in range(MAX_REDRAWS):
+            if _pixel_key(params) not in avoid_keys:
+                break
             params = _draw_params(rng, size_px)  # held-out images never repeat a train image
+        else:
+            raise DataError(f"{name}: {MAX_REDRAWS} draws in a row repeat a training image at {size_px} px; "
+                            "use larger images or fewer training samples")
         keys.add(_pixel_key(params))
         image = f"images/{sample_id}.png"
         _render(params, size_px).save(folder / image, format="PNG")

@@ -83,6 +83,8 @@ def test_evaluate_and_plan_check_their_flags_first(tmp_path):
     # no model is loaded: the flags are refused before the evaluation starts
     res = runner.invoke(app, ["evaluate", str(tmp_path / "none"), "--data", str(sched), "--limit", "0"])
     assert res.exit_code == 2 and "--limit 0: must be >= 1" in res.output
+    res = runner.invoke(app, ["evaluate", str(tmp_path / "none"), "--data", str(sched), "--device", "tpu"])
+    assert res.exit_code == 2 and "--device 'tpu' is not known; use cpu, cuda or cuda:N" in res.output
     res = runner.invoke(app, ["evaluate", str(tmp_path / "none"), "--data", str(sched), "--json", str(tmp_path)])
     assert res.exit_code == 2 and f"{tmp_path}: is a folder; pass a file path, e.g. {tmp_path / 'eval.json'}" in res.output
     res = runner.invoke(app, ["evaluate", str(tmp_path / "none"), "--data", str(sched), "--json", str(sched / "x.json")])

@@ -250,8 +250,14 @@ def test_generator_refuses_non_empty_folder(tmp_path):
     with pytest.raises(DataError, match=refusal):
         generate_shapes(out, n_alignment=1, n_instruction=1, n_eval=1, image_size_px=32)
     assert (out / "mine.txt").read_text() == "keep me"
-    generate_shapes(out, n_alignment=1, n_instruction=1, n_eval=1, image_size_px=32, overwrite=True)
-    assert not (out / "mine.txt").exists() and (out / "alignment.json").is_file()
+    # --overwrite replaces a data set, not a folder of other files
+    with pytest.raises(DataError, match="holds files but no shapes data set, and --overwrite would delete them"):
+        generate_shapes(out, n_alignment=1, n_instruction=1, n_eval=1, image_size_px=32, overwrite=True)
+    assert (out / "mine.txt").read_text() == "keep me"
+    (out / "mine.txt").unlink()
+    generate_shapes(out, n_alignment=1, n_instruction=1, n_eval=1, image_size_px=32)
+    generate_shapes(out, n_alignment=2, n_instruction=1, n_eval=1, image_size_px=32, overwrite=True)
+    assert len(json.loads((out / "alignment.json").read_text())) == 2
     assert [p.name for p in tmp_path.iterdir()] == ["shapes"]  # no temp folder left behind
 
 
@@ -309,10 +315,50 @@ def test_placeholder_is_added_and_max_length_guards_image_tokens(tmp_path, test_
     full = LlavaDataset(path, tmp_path, test_processor, num_image_tokens=N_IMAGE_TOKENS)[0]
     image_end = 4 + N_IMAGE_TOKENS  # <s> "USER" ":" " " then the image tokens
     assert full["input_ids"][4:image_end].tolist() == [IMAGE_ID] * N_IMAGE_TOKENS
+    first = int((full["labels"] != IGNORE_INDEX).nonzero()[0])  # the answer's first token
     cut = LlavaDataset(path, tmp_path, test_processor, num_image_tokens=N_IMAGE_TOKENS,
-                       max_length=image_end)[0]
-    assert cut["input_ids"].tolist() == full["input_ids"][:image_end].tolist()
-    assert (cut["labels"] == IGNORE_INDEX).all() and cut["attention_mask"].sum() == image_end
+                       max_length=first + 1)[0]
+    assert cut["input_ids"].tolist() == full["input_ids"][:first + 1].tolist()
+    assert (cut["labels"] != IGNORE_INDEX).sum() == 1 and cut["attention_mask"].sum() == first + 1
+    with pytest.raises(DataError, match=rf"entry 0 \(id 'p'\): max_length={first} cuts every answer token "
+                                        rf"\(the first answer starts at position {first}\); use max_length > {first}"):
+        LlavaDataset(path, tmp_path, test_processor, num_image_tokens=N_IMAGE_TOKENS, max_length=first)
     with pytest.raises(DataError, match=r"entry 0 \(id 'p'\): max_length=19 cuts its image tokens.*"
                                         r"use max_length >= 20"):
         LlavaDataset(path, tmp_path, test_processor, num_image_tokens=N_IMAGE_TOKENS, max_length=19)
+
+
+def test_unreadable_images_and_json_lines_are_found_before_training(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    entries = [_one_turn(image="ok.png"), _one_turn(image="broken.png"), _one_turn(image="broken.png")]
+    path = _write_json(tmp_path / "data.json", entries)
+    with pytest.raises(DataError, match=r"entry 1 \(id 'cat-7'\): image 'broken.png' is not a readable image "
+                                        r"\(2 of 3 samples have one\); replace the files"):
+        load_llava_json(path)
+    lines = tmp_path / "data.jsonl"
+    lines.write_text("\n".join(json.dumps(_one_turn(image="ok.png")) for _ in range(2)))
+    with pytest.raises(DataError, match=r"one JSON object per line \(JSON Lines\) at line 2; the LLaVA format is "
+                                        r"one JSON list"):
+        load_llava_json(lines)
+
+
+def test_kinds_must_name_each_answer(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    for kinds in (["color", "size"], "color", [1]):
+        with pytest.raises(DataError, match=r"'kinds' must list one question kind \(a string\) per gpt turn \(1\)"):
+            load_llava_json(_write_json(tmp_path / "data.json", [_one_turn(image="ok.png", kinds=kinds)]))
+    assert load_llava_json(_write_json(tmp_path / "data.json", [_one_turn(image="ok.png", kinds=["what"])]))[0]["kinds"] == ["what"]
+
+
+def test_held_out_draws_stop_when_every_image_is_taken(tmp_path):
+    from sts_train.shapes import MAX_REDRAWS, _write_split
+
+    class Everything:  # every pixel key is already a training image
+        def __contains__(self, key):
+            return True
+
+    (tmp_path / "images").mkdir()
+    with pytest.raises(DataError, match=rf"instruction_eval: {MAX_REDRAWS} draws in a row repeat a training image "
+                                        r"at 16 px; use larger images or fewer training samples"):
+        _write_split(tmp_path, "instruction_eval", "qa", 1, "x", 0, 16, Everything())

@@ -15,6 +15,7 @@ from sts_train.factory import build_model
 
 def test_first_word():
     assert first_word(" Red.</s>") == "red" and first_word("  ") == "" and first_word("left side") == "left"
+    assert first_word(" Grün.") == "grün" and first_word("红色") == "红色" and first_word("_x") == "x"
 
 
 def test_eval_loss_is_token_weighted_mean(shapes_dir, test_processor):
@@ -129,3 +130,6 @@ def test_paired_difference():
     got = paired_difference(a, b)  # diffs 0, 1, 1 on the three shared answers
     assert got["paired"] == 3 and got["difference"] == pytest.approx(2 / 3)
     assert got["stderr"] == pytest.approx((((0 - 2 / 3) ** 2 + 2 * (1 / 3) ** 2) / 2 / 3) ** 0.5)
+    # a repeated id pairs in order: identical outcomes differ by nothing
+    same = [["d", 0, "k", True], ["d", 0, "k", False], ["e", 0, "k", True]]
+    assert paired_difference(same, [list(x) for x in same]) == {"difference": 0.0, "stderr": 0.0, "paired": 3}
