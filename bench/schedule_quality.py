@@ -314,6 +314,15 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"size": args.size, "target_speedup": args.target_speedup,
                 "alignment_steps": args.alignment_steps, "instruction_steps": args.instruction_steps}
     earlier = load_earlier(ap, args, settings, set(ARMS))
+    if earlier is not None:  # seeds trained at other learning rates do not belong in one table
+        from sts_profile.recipe import RecipeConfig
+
+        for seed, r in earlier["per_seed"].items():
+            seed_cfg = r.get("_seed", {}).get("config", {})
+            for key in ("lr_alignment", "lr_instruction"):
+                if seed_cfg.get(key) != getattr(RecipeConfig, key):
+                    ap.error(f"--extend {args.extend}: seed {seed} was trained with {key} = {seed_cfg.get(key)}, "
+                             f"the recipe now uses {getattr(RecipeConfig, key)}; start a new file")
     work = args.work or Path(tempfile.mkdtemp(prefix="sts-schedule-quality-"))
     started, load_start = time.perf_counter(), os.getloadavg()[0]
     per_seed = {}
