@@ -203,13 +203,14 @@ def encode_conversation(conversations: list[dict], tokenizer, *, num_image_token
                         image_token_id: int) -> dict[str, list[int]]:
     """Token ids and labels of a conversation in the prompt format of this module.
 
-    The whole rendered prompt (:func:`render_conversation`, with the tokenizer's own BOS and
-    EOS strings) is tokenized at once, as at inference, and each ``<image>`` is expanded to
-    ``num_image_tokens`` ids. A token is supervised when it starts inside an assistant turn's
-    ``" " + answer + eos`` (character offsets), so labels are exact for byte-level BPE and
-    SentencePiece tokenizers alike: tokenizing pieces separately would give a SentencePiece
-    tokenizer a stray ``"▁"`` before every answer. A trailing human turn encodes as a
-    generation prompt (ends with ``ASSISTANT:``).
+    The BOS id, then the whole rendered prompt after it (:func:`render_conversation`, with the
+    tokenizer's EOS string) tokenized at once, as a tokenizer encodes it at inference; each
+    ``<image>`` is expanded to ``num_image_tokens`` ids. A token is supervised when it starts
+    inside an assistant turn's ``" " + answer + eos`` (character offsets), so labels are exact
+    for byte-level BPE and SentencePiece tokenizers alike: tokenizing pieces separately gives a
+    SentencePiece tokenizer that marks the start of every text (legacy Llama, as in LLaVA-1.5)
+    a stray ``"▁"`` before every answer. A trailing human turn encodes as a generation prompt
+    (ends with ``ASSISTANT:``).
 
     Args:
         conversations: validated ``{"from": "human"|"gpt", "value": str}`` turns.
@@ -230,16 +231,17 @@ def encode_conversation(conversations: list[dict], tokenizer, *, num_image_token
     if not getattr(tokenizer, "is_fast", False):
         raise DataError(f"{type(tokenizer).__name__} is a slow tokenizer without character offsets; "
                         "load the fast one (AutoTokenizer with use_fast=True)")
-    bos = tokenizer.bos_token if tokenizer.bos_token_id is not None else ""
-    text, answers = _render_spans(conversations, bos, tokenizer.eos_token)
+    # BOS as an id in front, as a tokenizer adds it at inference (as text, "<s>USER" would
+    # lose the "▁" a SentencePiece tokenizer puts at the start of the text)
+    text, answers = _render_spans(conversations, "", tokenizer.eos_token)
     images = []
     at = text.find(IMAGE_PLACEHOLDER)
     while at >= 0:
         images.append((at, at + len(IMAGE_PLACEHOLDER)))
         at = text.find(IMAGE_PLACEHOLDER, at + 1)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    input_ids: list[int] = []
-    labels: list[int] = []
+    input_ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    labels = [IGNORE_INDEX] * len(input_ids)
     expanded = set()
     for token, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"]):
         image = next((k for k, (a, b) in enumerate(images) if start < b and end > a), None)

@@ -55,8 +55,8 @@ def turn_hits(target: torch.Tensor, hit: torch.Tensor, eos_token_id: int) -> lis
         eos_token_id: the token that ends each answer; a run of labels that does not end with it
             (cut by ``max_length``) is not scored.
     """
-    supervised = torch.cat([torch.zeros(1, dtype=torch.int8), (target != IGNORE_INDEX).to(torch.int8),
-                            torch.zeros(1, dtype=torch.int8)])
+    edge = target.new_zeros(1, dtype=torch.int8)  # on the batch's device
+    supervised = torch.cat([edge, (target != IGNORE_INDEX).to(torch.int8), edge])
     edges = supervised.diff()
     starts, ends = (edges == 1).nonzero().flatten().tolist(), (edges == -1).nonzero().flatten().tolist()
     return [bool(hit[s:e].all()) for s, e in zip(starts, ends) if int(target[e - 1]) == eos_token_id]

@@ -123,31 +123,42 @@ def test_labels_supervise_only_answers_token_by_token(test_processor):
     assert tok.decode(whole[first - 4 : first]).endswith("ASSISTANT:")
 
 
-def test_labels_exact_with_a_sentencepiece_style_tokenizer():
-    """Llama-family tokenizers (Metaspace "▁") tokenize a piece that starts with a space as
-    "▁" + "▁A"...: encoding pieces separately put a stray "▁" before every answer."""
+def _sentencepiece_style_tokenizer(prepend_scheme: str):
+    """A Metaspace ("▁") BPE tokenizer like Llama's; "always" marks the start of every text
+    (legacy Llama, as in LLaVA-1.5), "first" only the start of the whole input."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     sp = Tokenizer(models.BPE(unk_token="<unk>"))
-    sp.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-    sp.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    sp.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prepend_scheme)
+    sp.decoder = decoders.Metaspace(replacement="▁", prepend_scheme=prepend_scheme)
     corpus = ["USER: What is this? ASSISTANT: A cat.", "A cat sits on a mat.", "What color is it?"] * 5
     sp.train_from_iterator(corpus, trainers.BpeTrainer(
         vocab_size=120, special_tokens=["<unk>", "<s>", "</s>", "<image>", "<pad>"]))
-    tok = PreTrainedTokenizerFast(tokenizer_object=sp, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                  pad_token="<pad>")
-    image_id = tok.convert_tokens_to_ids("<image>")
+    return PreTrainedTokenizerFast(tokenizer_object=sp, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>")
+
+
+@pytest.mark.parametrize("prepend_scheme", ["always", "first"])
+def test_labels_exact_with_a_sentencepiece_style_tokenizer(prepend_scheme):
+    """Tokenizing pieces separately gave the legacy scheme a stray "▁" before every answer,
+    and both schemes other prompt tokens than the tokenizer gives the whole prompt."""
+    tok = _sentencepiece_style_tokenizer(prepend_scheme)
+    image_id, bos = tok.convert_tokens_to_ids("<image>"), tok.bos_token_id
     turns = [{"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A cat."},
              {"from": "human", "value": "What color is it?"}, {"from": "gpt", "value": "A mat."}]
     enc = encode_conversation(turns, tok, num_image_tokens=3, image_token_id=image_id)
 
-    whole = tok(render_conversation(turns).replace("<image>", "<image>" * 3), add_special_tokens=False)["input_ids"]
+    # Independent: what the tokenizer gives the whole prompt at inference (it adds the BOS id).
+    text = render_conversation(turns, bos="").replace("<image>", "<image>" * 3)
+    whole = tok(text)["input_ids"]
+    assert tok("x")["input_ids"][0] != bos and whole[0] != bos  # this tokenizer adds no BOS itself
+    whole = [bos] + whole
     assert enc["input_ids"] == whole and whole.count(image_id) == 3
     supervised = tok.convert_ids_to_tokens([t for t in enc["labels"] if t != IGNORE_INDEX])
     assert supervised == ["▁A", "▁cat.", "</s>", "▁A", "▁mat.", "</s>"]
-    # Independent: the answer tokens are the whole prompt's tokens after each "ASSISTANT:".
-    prefix = len(tok("<s>USER: <image><image><image>\nWhat is this? ASSISTANT:", add_special_tokens=False)["input_ids"])
+    # the answer tokens are the whole prompt's tokens right after the first "ASSISTANT:"
+    prefix = 1 + len(tok("USER: <image><image><image>\nWhat is this? ASSISTANT:")["input_ids"])
     assert enc["labels"][prefix:prefix + 3] == whole[prefix:prefix + 3]
     assert set(enc["labels"][:prefix]) == {IGNORE_INDEX}
 
