@@ -58,11 +58,6 @@ class RecipeConfig:
             object.__setattr__(self, "target_speedup", DEFAULT_TARGET_SPEEDUP)
 
 
-# What a recipe's --work folder always holds once its first phase ran: --overwrite replaces only
-# such a folder (the data set is written first, atomically).
-WORK_MARKERS = ("data/dataset_info.json",)
-
-
 class Phases:
     """Times phases and prints ``[recipe] name: N.N s`` as each ends."""
 
@@ -185,8 +180,9 @@ def check_recipe(cfg: RecipeConfig) -> None:
         StsError: one line naming the option and the fix.
     """
     from sts_profile.derive import Budget
-    from sts_train.configtools import check_overwritable, check_replaceable
+    from sts_train.configtools import check_overwritable, check_replaceable, json_field
     from sts_train.factory import get_size
+    from sts_train.shapes import is_shapes_dataset
 
     get_size(cfg.size)
     counts = ("alignment_steps", "instruction_steps", "n_alignment", "n_instruction", "n_eval", "batch_size",
@@ -206,12 +202,13 @@ def check_recipe(cfg: RecipeConfig) -> None:
     if work == out or work in out.parents or out in work.parents:
         raise StsError(f"--work {cfg.work} and --out {cfg.out} overlap (writing the report replaces --out);"
                        " choose two separate folders")
-    for folder, option, markers, what in ((work, "--work", WORK_MARKERS, "recipe run"),
-                                          (out, "--out", ("summary.json",), "recipe report")):
+    owned = {work: is_shapes_dataset(work / "data"),  # the recipe writes its data set first
+             out: json_field(out / "summary.json", "end_to_end") is not None}
+    for folder, option, what in ((work, "--work", "recipe run"), (out, "--out", "recipe report")):
         if folder.is_dir() and any(folder.iterdir()):
             if not cfg.overwrite:
                 raise StsError(f"{option} {folder}: folder is not empty; choose another folder or pass --overwrite")
-            check_overwritable(folder, markers, what)
+            check_overwritable(folder, owned[folder], what)
 
 
 def run_recipe(cfg: RecipeConfig) -> dict:

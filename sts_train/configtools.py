@@ -7,6 +7,7 @@ are errors that name the key path and the fix.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import tempfile
@@ -168,14 +169,22 @@ def check_replaceable(folder: str | Path, error: type[StsError] = StsError) -> P
     return resolved
 
 
-def check_overwritable(folder: str | Path, markers: tuple[str, ...], what: str,
-                       error: type[StsError] = StsError) -> None:
-    """``--overwrite`` replaces only what this tool wrote: refuse a non-empty folder that holds
-    none of ``markers`` (paths inside it that the tool always writes)."""
+def check_overwritable(folder: str | Path, owned: bool, what: str, error: type[StsError] = StsError) -> None:
+    """``--overwrite`` replaces only what this tool wrote: refuse a non-empty folder that is not
+    ``owned`` (the caller's check of the tool's own record in it, e.g. a data set's info file)."""
     folder = Path(folder)
-    if folder.is_dir() and any(folder.iterdir()) and not any((folder / m).exists() for m in markers):
+    if folder.is_dir() and any(folder.iterdir()) and not owned:
         raise error(f"{folder}: holds files but no {what}, and --overwrite would delete them; "
                     "choose a new or empty folder")
+
+
+def json_field(path: str | Path, key: str) -> Any:
+    """``key`` of the JSON object in ``path``, or None (no file, not JSON, not an object)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data.get(key) if isinstance(data, dict) else None
 
 
 def check_file_target(path: str | Path, error: type[StsError] = StsError, example: str | None = None,
@@ -192,14 +201,18 @@ def check_file_target(path: str | Path, error: type[StsError] = StsError, exampl
     return path
 
 
-def check_parents(given: Path, path: Path, error: type[StsError]) -> None:
-    """Refuse a path whose nearest existing parent is a file or a folder this user cannot write."""
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise error(f"{given}: {parent} is a file, not a folder; choose another path")
-            if not os.access(parent, os.W_OK | os.X_OK):
-                raise error(f"{given}: cannot write in {parent} (permission denied); choose a writable path")
+def check_parents(given: Path, path: Path, error: type[StsError], inside: bool = False) -> None:
+    """Refuse a path whose nearest existing parent is a file or a folder this user cannot write.
+
+    ``inside``: the tool writes inside the folder ``path`` (not beside it), so when that folder
+    exists it is the one that must be writable, not its parent.
+    """
+    for folder in ([path] if inside else []) + list(path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise error(f"{given}: {folder} is a file, not a folder; choose another path")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise error(f"{given}: cannot write in {folder} (permission denied); choose a writable path")
             return
 
 

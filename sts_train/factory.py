@@ -227,13 +227,13 @@ def save_model_folder(size: str, folder: str | Path, seed: int = 0, overwrite: b
     import shutil
     import tempfile
 
-    from sts_train.configtools import check_overwritable, check_replaceable
+    from sts_train.configtools import check_overwritable, check_replaceable, json_field
 
     folder = Path(folder)
     check_replaceable(folder, ModelError)
     if folder.exists() and any(folder.iterdir()) and not overwrite:
         raise ModelError(f"{folder}: folder is not empty; choose a new folder or pass --overwrite")
-    check_overwritable(folder, ("config.json",), "model folder", ModelError)
+    check_overwritable(folder, json_field(folder / "config.json", "model_type") is not None, "model folder", ModelError)
     model, processor = build_model(size, seed), build_processor(size)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))

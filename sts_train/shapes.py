@@ -27,7 +27,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from sts_train.configtools import check_overwritable, check_replaceable
+from sts_train.configtools import check_overwritable, check_replaceable, json_field
 from sts_train.errors import DataError
 
 COLORS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
@@ -47,6 +47,7 @@ QUESTIONS = {
 CAPTION_PROMPT = "Describe the image briefly."
 TEXT_ONLY_KINDS = ("text_shape", "text_color")
 TEXT_ONLY_EVERY = 20  # every 20th instruction sample is text-only (5%)
+GENERATOR = "sts_train.shapes"  # recorded in dataset_info.json
 MAX_REDRAWS = 1000  # a held-out image that keeps repeating a training one: the pixel space is used up
 
 _RGB = {
@@ -217,6 +218,11 @@ def _write_split(folder: Path, name: str, kind: str, count: int, prefix: str, se
     return samples, keys
 
 
+def is_shapes_dataset(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a data set this generator wrote (its ``dataset_info.json`` says so)."""
+    return json_field(Path(folder) / "dataset_info.json", "generator") == GENERATOR
+
+
 def generate_shapes(out_dir: str | Path, *, n_alignment: int = 200, n_instruction: int = 200,
                     n_eval: int = 50, image_size_px: int = 336, seed: int = 0,
                     overwrite: bool = False) -> dict[str, Path]:
@@ -252,7 +258,7 @@ def generate_shapes(out_dir: str | Path, *, n_alignment: int = 200, n_instructio
     given, out_dir = Path(out_dir), check_replaceable(out_dir, DataError)
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise DataError(f"{out_dir}: folder is not empty; choose a new folder or pass --overwrite")
-    check_overwritable(out_dir, ("dataset_info.json",), "shapes data set", DataError)
+    check_overwritable(out_dir, is_shapes_dataset(out_dir), "shapes data set", DataError)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -269,7 +275,7 @@ def generate_shapes(out_dir: str | Path, *, n_alignment: int = 200, n_instructio
             (tmp / f"{name}.json").write_text(json.dumps(samples, indent=1) + "\n")
             info_counts[name] = {"samples": len(samples),
                                  "images": sum("image" in s for s in samples)}
-        info = {"generator": "sts_train.shapes", "format_version": 1, "seed": seed,
+        info = {"generator": GENERATOR, "format_version": 1, "seed": seed,
                 "image_size_px": image_size_px, "counts": info_counts,
                 "question_kinds": list(QUESTION_KINDS), "text_only_every": TEXT_ONLY_EVERY}
         (tmp / "dataset_info.json").write_text(json.dumps(info, indent=1) + "\n")

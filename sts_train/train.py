@@ -269,7 +269,7 @@ def _check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
         )
     if out.exists() and not out.is_dir():
         raise StsError(f"{out}: exists and is not a folder; choose another output_dir")
-    check_parents(out, out.absolute(), StsError)
+    check_parents(out, out.absolute(), StsError, inside=True)
     if overwrite and not holds_run and out.is_dir() and any(out.iterdir()):
         raise StsError(f"{out}: holds files but no run, and --overwrite would delete them; choose a new"
                        " or empty output_dir")

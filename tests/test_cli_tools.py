@@ -104,13 +104,18 @@ def test_overwrite_refuses_a_symbolic_link(tmp_path):
 
 
 def test_overwrite_replaces_only_what_the_tool_wrote(tmp_path):
-    for command in (["make-data"], ["make-model", "test"]):
-        folder = tmp_path / command[0]
-        (folder / "notes").mkdir(parents=True)
-        (folder / "notes" / "thesis.txt").write_text("keep")
-        res = runner.invoke(app, [*command, str(folder), "--overwrite"])
-        assert res.exit_code == 2 and "holds files but no" in res.output and "--overwrite would delete them" in res.output
-        assert (folder / "notes" / "thesis.txt").read_text() == "keep"
+    # a folder of notes, or one whose record has the tool's file name but not its content (a Hugging
+    # Face `datasets` folder also has a dataset_info.json)
+    for command, record in ((["make-data"], "dataset_info.json"), (["make-model", "test"], "config.json")):
+        for name, content in (("notes", None), ("other", '{"citation": ""}')):
+            folder = tmp_path / f"{command[0]}-{name}"
+            (folder / "notes").mkdir(parents=True)
+            (folder / "notes" / "thesis.txt").write_text("keep")
+            if content is not None:
+                (folder / record).write_text(content)
+            res = runner.invoke(app, [*command, str(folder), "--overwrite"])
+            assert res.exit_code == 2 and "holds files but no" in res.output and "--overwrite would delete them" in res.output
+            assert (folder / "notes" / "thesis.txt").read_text() == "keep"
     # what make-data wrote, it replaces
     data = tmp_path / "d"
     sizes = ["--n-alignment", "1", "--n-instruction", "1", "--n-eval", "1", "--image-size", "16"]

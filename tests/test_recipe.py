@@ -64,8 +64,10 @@ def test_recipe_refuses_existing_work_folder(tmp_path):
     # --overwrite replaces only a recipe's own folders: not one that holds something else
     for option, name, what in (("--work", "work", "recipe run"), ("--out", "report", "recipe report")):
         other = "report" if name == "work" else "work2"
-        (tmp_path / name).mkdir(exist_ok=True)
+        (tmp_path / name / "data").mkdir(parents=True, exist_ok=True)
         (tmp_path / name / "mine.txt").write_text("keep")
+        (tmp_path / name / "data" / "dataset_info.json").write_text("{}")  # another tool's data (LLaMA-Factory)
+        (tmp_path / name / "summary.json").write_text("{}")
         res = CliRunner().invoke(app, ["recipe", "--size", "test", option, str(tmp_path / name),
                                        "--work" if option == "--out" else "--out", str(tmp_path / other),
                                        "--overwrite"])
