@@ -149,7 +149,8 @@ def plan(
     schedule: Path = typer.Argument(..., help="schedule.yaml"),
     layers: int = typer.Option(..., "--layers", help="Number of decoder layers of the model."),
     steps: int = typer.Option(..., "--steps", help="Total optimizer steps (for stages without step ranges)."),
-    stage: Optional[str] = typer.Option(None, "--stage", help="Stage to preview (default: by step ranges)."),
+    stage: Optional[str] = typer.Option(None, "--stage", help="Stage to preview (default: by step ranges; a run "
+                                        "trains the stage named like its stage.name)."),
     every: int = typer.Option(0, help="Print every N-th step (default: about 10 rows)."),
 ) -> None:
     """Validate a schedule and print its plan over the run: keep ratio and skip probabilities."""

@@ -107,12 +107,14 @@ def _check_entry(entry: object, index: int, json_path: Path) -> dict:
     return sample
 
 
-def load_llava_json(json_path: str | Path, image_folder: str | Path | None = None) -> list[dict]:
+def load_llava_json(json_path: str | Path, image_folder: str | Path | None = None, *,
+                    check_images: bool = True) -> list[dict]:
     """Read and validate a LLaVA-format JSON file; check that every image file exists.
 
     Args:
         json_path: the JSON file (a list of samples).
         image_folder: folder the ``image`` paths are relative to; default: the JSON's folder.
+        check_images: also open every image's header (not its pixels).
 
     Returns:
         Normalized copies of the samples: ``id`` as a string (the entry index when absent),
@@ -155,7 +157,8 @@ def load_llava_json(json_path: str | Path, image_folder: str | Path | None = Non
         raise DataError(f"{_where(json_path, i, s['id'])}: image {s['image']!r} not found in "
                         f"image folder {folder} ({len(missing)} of {len(samples)} samples have a "
                         "missing image); fix image_folder or the paths")
-    unreadable = [(i, s) for i, s in enumerate(samples) if "image" in s and not _image_header_ok(folder / s["image"])]
+    unreadable = [(i, s) for i, s in enumerate(samples)
+                  if check_images and "image" in s and not _image_header_ok(folder / s["image"])]
     if unreadable:
         i, s = unreadable[0]
         raise DataError(f"{_where(json_path, i, s['id'])}: image {s['image']!r} is not a readable image "
@@ -272,6 +275,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         processor: a ``LlavaProcessor`` (its ``tokenizer`` and ``image_processor`` are used).
         num_image_tokens: ids each ``<image>`` expands to (the model's visual token count).
         max_length: longest sequence; longer ones are cut from the end.
+        check_images: open every image's header up front (:func:`load_llava_json`).
 
     Raises:
         DataError: see :func:`load_llava_json`; also when ``max_length`` would cut image
@@ -281,14 +285,14 @@ class LlavaDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, json_path: str | Path, image_folder: str | Path | None, processor, *,
-                 num_image_tokens: int, max_length: int | None = None):
+                 num_image_tokens: int, max_length: int | None = None, check_images: bool = True):
         if not isinstance(num_image_tokens, int) or num_image_tokens < 1:
             raise DataError(f"num_image_tokens={num_image_tokens!r}: must be an integer >= 1")
         if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
             raise DataError(f"max_length={max_length!r}: must be an integer >= 1 or None")
         self.json_path = Path(json_path)
         self.image_folder = self.json_path.parent if image_folder is None else Path(image_folder)
-        self.samples = load_llava_json(self.json_path, self.image_folder)
+        self.samples = load_llava_json(self.json_path, self.image_folder, check_images=check_images)
         self.tokenizer = processor.tokenizer
         self.image_processor = processor.image_processor
         self.num_image_tokens = num_image_tokens

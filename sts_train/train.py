@@ -416,12 +416,13 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -
     model, processor = load_model_and_processor(config.model.path, config.model.size, config.model.seed)
     parts = model_parts(model)
     images = config.data.images
-    train_set = LlavaDataset(config.data.json, images, processor,
-                             num_image_tokens=parts.num_visual_tokens, max_length=config.data.max_length)
+    train_set = LlavaDataset(config.data.json, images, processor, num_image_tokens=parts.num_visual_tokens,
+                             max_length=config.data.max_length, check_images=config.data.check_images)
     eval_set = None
     if config.data.eval_json:
         eval_set = LlavaDataset(config.data.eval_json, config.data.eval_images or images, processor,
-                                num_image_tokens=parts.num_visual_tokens, max_length=config.data.max_length)
+                                num_image_tokens=parts.num_visual_tokens, max_length=config.data.max_length,
+                                check_images=config.data.check_images)
     if len(train_set) == 0:
         raise DataError(f"{config.data.json}: no samples; add entries to the data file")
     skips_layers = schedule is not None and any(s.layers is not None for s in schedule.stages)

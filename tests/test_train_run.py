@@ -386,6 +386,15 @@ def test_unreadable_image_in_a_dataloader_worker_is_one_line(run_setup, shapes_d
     assert message.startswith(f"{data / 'instruction.json'}") and message.count("\n") == 1
     assert "Traceback" not in res.output and "DataLoader worker" not in res.output
     assert f"cannot read image {data / 'images'}" in res.output and "replace the file" in res.output
+    # headers cut too: found before training, or, with data.check_images off, when read
+    for image in (data / "images").glob("*.png"):
+        image.write_bytes(image.read_bytes()[:40])
+    res = _cli(["train", _write(tmp / "run.yaml", dict(cfg, output_dir=str(tmp / "r2")))])
+    assert res.exit_code == 2 and "is not a readable image (19 of 20 samples have one)" in res.output
+    assert not (tmp / "r2").exists()
+    cfg["data"] = dict(cfg["data"], check_images=False)
+    res = _cli(["train", _write(tmp / "run.yaml", dict(cfg, output_dir=str(tmp / "r3")))])
+    assert res.exit_code == 2 and f"cannot read image {data / 'images'}" in res.output
 
 
 def test_gradient_accumulation_has_one_plan_per_optimizer_step(run_setup):
