@@ -217,7 +217,7 @@ def encode_conversation(conversations: list[dict], tokenizer, *, num_image_token
 
     Args:
         conversations: validated ``{"from": "human"|"gpt", "value": str}`` turns.
-        tokenizer: fast HF tokenizer with ``eos_token_id`` (``bos_token`` is used when set).
+        tokenizer: fast HF tokenizer with ``eos_token_id`` (``bos_token_id`` goes first when set).
         num_image_tokens: ids each ``<image>`` placeholder expands to.
         image_token_id: the id of the image placeholder token.
 
