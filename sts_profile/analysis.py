@@ -135,7 +135,7 @@ def check_output_folder(out: Path, ckpt_dir: Path, overwrite: bool) -> None:
     """
     if out.exists() and not out.is_dir():
         raise StsError(f"{out}: exists and is not a folder; choose a new --out folder")
-    check_parents(out, out.absolute(), StsError, inside=True)  # analyze stages inside out
+    check_parents(out, StsError, inside=True)  # analyze stages inside out
     if not out.is_dir() or not any(out.iterdir()) or overwrite:
         return
     owner = _owner(out)

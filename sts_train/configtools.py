@@ -163,7 +163,7 @@ def check_replaceable(folder: str | Path, error: type[StsError] = StsError) -> P
         raise error(f"{given}: is a symbolic link; pass the folder it points to ({resolved}) or a new folder")
     if resolved.exists() and not resolved.is_dir():
         raise error(f"{given}: exists and is not a folder; choose a new folder")
-    check_parents(given, resolved, error)
+    check_parents(given, error)
     if resolved == Path.cwd() or resolved in Path.cwd().parents:
         raise error(f"{given}: is or contains the current folder; choose a new folder")
     return resolved
@@ -197,16 +197,17 @@ def check_file_target(path: str | Path, error: type[StsError] = StsError, exampl
         raise error(f"{path}: is a folder; pass a file path{hint}")
     if path.exists() and not overwrite:
         raise error(f"{path}: file exists; choose another path or pass --overwrite")
-    check_parents(path, path.absolute(), error)
+    check_parents(path, error)
     return path
 
 
-def check_parents(given: Path, path: Path, error: type[StsError], inside: bool = False) -> None:
+def check_parents(given: str | Path, error: type[StsError], inside: bool = False) -> None:
     """Refuse a path whose nearest existing parent is a file or a folder this user cannot write.
 
-    ``inside``: the tool writes inside the folder ``path`` (not beside it), so when that folder
+    ``inside``: the tool writes inside the folder ``given`` (not beside it), so when that folder
     exists it is the one that must be writable, not its parent.
     """
+    path = Path(given).absolute()
     for folder in ([path] if inside else []) + list(path.parents):
         if folder.exists():
             if not folder.is_dir():

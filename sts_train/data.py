@@ -157,8 +157,8 @@ def load_llava_json(json_path: str | Path, image_folder: str | Path | None = Non
         raise DataError(f"{_where(json_path, i, s['id'])}: image {s['image']!r} not found in "
                         f"image folder {folder} ({len(missing)} of {len(samples)} samples have a "
                         "missing image); fix image_folder or the paths")
-    unreadable = [(i, s) for i, s in enumerate(samples)
-                  if check_images and "image" in s and not _image_header_ok(folder / s["image"])]
+    unreadable = [] if not check_images else [
+        (i, s) for i, s in enumerate(samples) if "image" in s and not _image_header_ok(folder / s["image"])]
     if unreadable:
         i, s = unreadable[0]
         raise DataError(f"{_where(json_path, i, s['id'])}: image {s['image']!r} is not a readable image "

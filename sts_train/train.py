@@ -269,7 +269,7 @@ def _check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
         )
     if out.exists() and not out.is_dir():
         raise StsError(f"{out}: exists and is not a folder; choose another output_dir")
-    check_parents(out, out.absolute(), StsError, inside=True)
+    check_parents(out, StsError, inside=True)
     if overwrite and not holds_run and out.is_dir() and any(out.iterdir()):
         raise StsError(f"{out}: holds files but no run, and --overwrite would delete them; choose a new"
                        " or empty output_dir")
@@ -316,8 +316,7 @@ def schedule_stage(schedule: Schedule, config: RunConfig) -> str | None:
         return named
     if run_stage in names:
         return run_stage
-    others = [n for n in names if n in STAGES]
-    if others:
+    if any(n in STAGES for n in names):
         raise StsError(f"{config.schedule.path}: no stage named {run_stage!r} for this {run_stage} run (stages: "
                        f"{', '.join(names)}); add a {run_stage!r} stage to the schedule")
     return None
