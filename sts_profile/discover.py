@@ -16,6 +16,12 @@ saves into a run folder itself (next to ``checkpoint-N/``, in ``PATH`` or in a s
 sub-folder) is not analyzed separately: it repeats the last checkpoint. A single
 ``checkpoint-N`` folder belongs to the run above it when that run has an ``sts_run.yaml``.
 
+Stage runs are put in the order they were trained (each usually counts its steps from 0
+again): a run whose ``sts_run.yaml`` ``model.path`` is another run's checkpoint follows that
+run; otherwise ``alignment``/``pretrain`` come before ``instruction``/``finetune`` (LLaVA's own
+scripts use the latter names), and other names follow by when their first checkpoint was
+written, then by name.
+
 Nothing from a checkpoint is executed or unpickled here: only ``config.json``,
 ``trainer_state.json`` and ``sts_run.yaml`` are read, as JSON/YAML text.
 """
@@ -33,7 +39,9 @@ import yaml
 from sts_train.errors import ModelError
 
 RUN_CONFIG_FILE = "sts_run.yaml"  # written by sts_train.train into a run's output_dir
-KNOWN_STAGES = ("alignment", "instruction")  # stage sub-folders sort in this order first
+# Stage names whose order is known (LLaVA's own scripts call the two stages pretrain and
+# finetune); stage runs with other names follow them, in the order they were trained.
+STAGE_RANK = {"alignment": 0, "pretrain": 0, "instruction": 1, "finetune": 1}
 
 # Config keys whose values must agree for two checkpoints to be "the same architecture".
 _SHAPE_KEYS = {
@@ -92,18 +100,27 @@ def _global_step(folder: Path) -> int | None:
     return int(step) if isinstance(step, (int, float)) and not isinstance(step, bool) else None
 
 
-def run_stage(run: Path) -> str | None:
-    """``stage.name`` from a run folder's ``sts_run.yaml`` (None when absent or unreadable)."""
+def _run_config(run: Path) -> dict:
+    """A run folder's ``sts_run.yaml`` as a dict (empty when absent or unreadable)."""
     config = run / RUN_CONFIG_FILE
     if not config.is_file():
-        return None
+        return {}
     try:
         data = yaml.safe_load(config.read_text())
     except (yaml.YAMLError, UnicodeDecodeError):
-        return None
-    stage = (data or {}).get("stage") if isinstance(data, dict) else None
-    name = stage.get("name") if isinstance(stage, dict) else None
-    return name if isinstance(name, str) and name else None
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _section_value(run: Path, section: str, key: str) -> str | None:
+    value = _run_config(run).get(section)
+    value = value.get(key) if isinstance(value, dict) else None
+    return value if isinstance(value, str) and value else None
+
+
+def run_stage(run: Path) -> str | None:
+    """``stage.name`` from a run folder's ``sts_run.yaml`` (None when absent or unreadable)."""
+    return _section_value(run, "stage", "name")
 
 
 def _run_checkpoints(run: Path, root: Path, stage: str) -> list[Checkpoint]:
@@ -122,8 +139,50 @@ def _run_checkpoints(run: Path, root: Path, stage: str) -> list[Checkpoint]:
     return sorted(found, key=lambda c: (c.step, c.name))
 
 
-def _stage_order(name: str) -> tuple:
-    return (KNOWN_STAGES.index(name), "") if name in KNOWN_STAGES else (len(KNOWN_STAGES), name)
+def _started_from(run: Path, runs: list[Path]) -> Path | None:
+    """The run among ``runs`` whose checkpoint ``run`` was started from (its ``sts_run.yaml``
+    ``model.path``, relative paths taken from the run folder's parent as well), if any."""
+    given = _section_value(run, "model", "path")
+    if given is None:
+        return None
+    for start in (Path(given), run.parent / given):
+        try:
+            start = start.resolve()
+        except (OSError, RuntimeError):
+            continue
+        holding = [other for other in runs if other != run and other.resolve() in (start, *start.parents)]
+        if holding:  # the innermost: checkpoints saved directly in PATH make PATH a run too
+            return max(holding, key=lambda other: len(other.resolve().parts))
+    return None
+
+
+def _training_order(checkpoints: list[Checkpoint]) -> list[Path]:
+    """The runs of ``checkpoints`` in the order they were trained.
+
+    A run whose ``sts_run.yaml`` says it started from another run's checkpoint comes after that
+    run. Otherwise known stage names come first in their order (:data:`STAGE_RANK`), then the
+    others by when their first checkpoint was written (folder modification time; a copy that
+    does not keep times loses this), then by name.
+    """
+    runs: dict[Path, list[Checkpoint]] = {}
+    for ckpt in checkpoints:
+        runs.setdefault(ckpt.run, []).append(ckpt)
+
+    def written(run: Path) -> float:
+        return min(c.path.stat().st_mtime for c in runs[run])
+
+    def key(run: Path) -> tuple:
+        stage = runs[run][0].stage
+        return STAGE_RANK.get(stage, len(STAGE_RANK)), written(run), stage, str(run)
+
+    pending = sorted(runs, key=key)
+    after = {run: _started_from(run, pending) for run in pending}
+    order: list[Path] = []
+    while pending:  # a stable topological sort; a cycle (not a real training history) keeps key order
+        ready = next((r for r in pending if after[r] is None or after[r] in order), pending[0])
+        order.append(ready)
+        pending.remove(ready)
+    return order
 
 
 def architecture(folder: Path) -> dict:
@@ -185,8 +244,7 @@ def discover_checkpoints(path: str | Path) -> list[Checkpoint]:
             model folder (see the module docstring).
 
     Returns:
-        The checkpoints, ordered by stage (``alignment`` before ``instruction``, other stage
-        names after them by name) and then by step.
+        The checkpoints in training order: by stage run (:func:`_training_order`), then by step.
 
     Raises:
         ModelError: ``path`` is not a run or model folder (no ``config.json`` in it, its
@@ -216,7 +274,9 @@ def discover_checkpoints(path: str | Path) -> list[Checkpoint]:
         staged = []
         for run in stage_runs:
             staged += _run_checkpoints(run, root, run_stage(run) or run.name)
-        found = _monotonic_steps(sorted(found + staged, key=lambda c: (_stage_order(c.stage), c.step, c.name)))
+        found += staged
+        rank = {run: i for i, run in enumerate(_training_order(found))}
+        found = _monotonic_steps(sorted(found, key=lambda c: (rank[c.run], c.step, c.name)))
     if not found:
         raise ModelError(f"{root}: not a run or model folder (no config.json in it or its sub-folders); "
                          "pass a Trainer output_dir with checkpoint-N/ folders or a model folder")

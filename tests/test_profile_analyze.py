@@ -412,6 +412,49 @@ def test_discover_layouts(tmp_path, config_dict):
         ("instruction/checkpoint-5", "instruction", 13), ("instruction/checkpoint-10", "instruction", 18)]
 
 
+def _stage_runs(root: Path, config: dict, runs: dict) -> None:
+    """``runs``: folder -> (sts_run.yaml text or None, modification time of its checkpoints)."""
+    for folder, (run_yaml, mtime) in runs.items():
+        for n in (1, 2):
+            _model_folder(root / folder / f"checkpoint-{n}", config, step=n)
+            os.utime(root / folder / f"checkpoint-{n}", (mtime + n, mtime + n))
+        if run_yaml is not None:
+            (root / folder / "sts_run.yaml").write_text(run_yaml)
+
+
+def _stage_sequence(root: Path) -> list[tuple[str, int]]:
+    from sts_profile.discover import discover_checkpoints
+
+    return [(c.stage, c.step) for c in discover_checkpoints(root)]
+
+
+def test_stage_runs_are_ordered_as_they_were_trained(tmp_path, config_dict):
+    """Stage runs that count from step 0 again are ordered by what they say about themselves,
+    not by folder name: LLaVA's own stage names, when the checkpoints were written, and the
+    checkpoint a run started from (its sts_run.yaml) over both."""
+    # LLaVA's scripts name the stages pretrain and finetune ("finetune" sorts first by name);
+    # the names hold even when a copy made finetune's files look older
+    _stage_runs(tmp_path / "llava", config_dict, {"finetune": (None, 1000), "pretrain": (None, 5000)})
+    assert _stage_sequence(tmp_path / "llava") == [("pretrain", 1), ("pretrain", 2), ("finetune", 3), ("finetune", 4)]
+    # other names: the run whose checkpoints were written first ("dpo" sorts first by name)
+    _stage_runs(tmp_path / "other", config_dict, {"dpo": (None, 5000), "sft": (None, 1000)})
+    assert [s for s, _ in _stage_sequence(tmp_path / "other")] == ["sft", "sft", "dpo", "dpo"]
+    # a run started from another run's checkpoint follows it, whatever the times and names say;
+    # the path is as the run was given it: absolute, or relative to the folder above the runs
+    for given in (str(tmp_path / "linked" / "zeta" / "checkpoint-2"), "zeta/checkpoint-2"):
+        root = tmp_path / "linked"
+        shutil.rmtree(root, ignore_errors=True)
+        _stage_runs(root, config_dict, {
+            "zeta": ("stage: {name: zeta}\n", 5000),
+            "alpha": (f"stage: {{name: alpha}}\nmodel: {{path: {given}}}\n", 1000),
+            "mid": ("stage: {name: mid}\nmodel: {path: " + str(root / "alpha" / "checkpoint-2") + "}\n", 500)})
+        # a checkpoint saved in the folder above makes it a run too, holding every other one:
+        # a run follows the innermost run that holds its start
+        _model_folder(root / "checkpoint-0", config_dict, step=0)
+        os.utime(root / "checkpoint-0", (100, 100))
+        assert [s for s, _ in _stage_sequence(root)] == ["unknown", "zeta", "zeta", "alpha", "alpha", "mid", "mid"]
+
+
 def test_single_checkpoint_finds_its_runs_data(tmp_path, config_dict):
     """``analyze run/checkpoint-N`` without --data: the run's sts_run.yaml names the stage and
     the calibration data, as for the whole run."""
