@@ -10,7 +10,9 @@ micro-batch; both act in training mode only, so evaluation and generation run de
 
 Outputs in ``output_dir``: ``checkpoint-N/`` (standard HF layout, processor included),
 ``sts_run.yaml`` (the resolved config), ``sts_log.jsonl`` (one line per optimizer step),
-``sts_summary.json`` and TensorBoard events under ``runs/``.
+``sts_summary.json`` and TensorBoard events under ``runs/``. Its ``eval_loss`` (also logged at
+``eval_steps``) is the mean over every supervised token of the held-out split, as
+``sts-train evaluate`` computes it, not the HF Trainer's mean of per-batch means.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from sts_train.adapters import ModelParts, model_parts
 from sts_train.compress import TokenCompressor
 from sts_train.config import STAGES, RunConfig
 from sts_train.configtools import atomic_write_text, check_parents, check_replaceable, dump_yaml
+from sts_train.data import IGNORE_INDEX
 from sts_train.errors import DataError, ScheduleError, StsError
 from sts_train.flops import LayerDims, llm_step_flops
 from sts_train.schedule import Schedule, load_schedule, sample_skipped_layers
@@ -168,7 +171,29 @@ class StsTrainer(Trainer):
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if model.training:
             self.sts.account(inputs)
+        elif self._eval_sums is not None and "labels" in inputs:
+            loss = result[0] if return_outputs else result
+            tokens = (inputs["labels"][:, 1:] != IGNORE_INDEX).sum()
+            self._eval_sums += torch.stack([loss.detach().double() * tokens, tokens.double()]).to(self._eval_sums)
         return result
+
+    _eval_sums: torch.Tensor | None = None
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        """The HF loop, with the loss over every supervised token of the split (what
+        ``sts-train evaluate`` reports) instead of the HF Trainer's mean of per-batch means.
+        Under DDP the sums of all ranks are added (samples that pad the last batch count too)."""
+        self._eval_sums = torch.zeros(2, dtype=torch.float64, device=self.args.device)
+        try:
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                             metric_key_prefix)
+            sums = self.accelerator.reduce(self._eval_sums, reduction="sum")
+        finally:
+            self._eval_sums = None
+        if sums[1] > 0:
+            output.metrics[f"{metric_key_prefix}_loss"] = float(sums[0] / sums[1])
+        return output
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         recent = [s for s in self.sts.history if s.step >= self._sts_logged_upto]

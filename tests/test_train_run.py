@@ -61,8 +61,15 @@ def run_setup(tmp_path, shapes_dir):
     return tmp_path, cfg
 
 
-def test_sparse_run_writes_loadable_checkpoints_and_logs(run_setup):
+def test_sparse_run_writes_loadable_checkpoints_and_logs(run_setup, shapes_dir):
     tmp, cfg = run_setup
+    # 4 held-out samples in batches of 3 and 1; the last keeps one of its five answers, so the
+    # mean of the two batch means is not the mean over answer tokens
+    held = json.loads(shapes_dir["instruction_eval"].read_text())
+    held[-1]["conversations"], held[-1]["kinds"] = held[-1]["conversations"][:2], held[-1]["kinds"][:1]
+    (tmp / "held_out.json").write_text(json.dumps(held))
+    cfg["data"].update(eval_json=str(tmp / "held_out.json"), eval_images=str(shapes_dir["images"].parent))
+    cfg["training"]["per_device_eval_batch_size"] = 3
     config_path = _write(tmp / "run.yaml", cfg)
     summary = train(load_run_config(config_path))
     out = tmp / "run"
@@ -90,6 +97,17 @@ def test_sparse_run_writes_loadable_checkpoints_and_logs(run_setup):
     for k in saved:
         assert torch.equal(saved[k], state[k]), k
     assert yaml.safe_load((out / "sts_run.yaml").read_text())["schedule"]["stage"] == "instruction"
+    # the summary's eval loss is over every answer token, as `sts-train evaluate` computes it
+    # from the saved checkpoint (not the HF Trainer's mean of the two batches' means)
+    from sts_train.data import LlavaCollator, LlavaDataset
+    from sts_train.evaluate import eval_loss
+    from sts_train.modelio import load_processor
+
+    processor = load_processor(ckpt)
+    held_out = LlavaDataset(tmp / "held_out.json", shapes_dir["images"].parent, processor, num_image_tokens=16)
+    expected = eval_loss(loaded, held_out, LlavaCollator(processor.tokenizer.pad_token_id), batch_size=4)
+    assert summary["eval_loss"] == pytest.approx(expected, rel=1e-5)
+    assert json.loads((out / "sts_summary.json").read_text())["eval_loss"] == summary["eval_loss"]
 
 
 def test_resume_gives_same_plans_and_weights(run_setup):
