@@ -24,14 +24,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import re
 import sys
 import time
 from pathlib import Path
 
-from benchio import add_output_options, check_output_options, over_seeds
-from sts_train.configtools import atomic_write_text
+from benchio import add_output_options, check_output_options, emit, over_seeds
 
 STAGES = ("alignment", "instruction")
 
@@ -168,10 +166,7 @@ def main(argv: list[str] | None = None) -> int:
               "config": {"seed_dirs": [str(h) for h in homes], "size": args.size, "schedule": args.schedule,
                          "name": args.name, "pooled_eval": args.pooled_eval,
                          "runtime_s": time.perf_counter() - started}}
-    text = json.dumps(result, indent=2, default=str) + "\n"
-    print(text, end="")
-    if args.json is not None:
-        atomic_write_text(args.json, text)
+    emit(result, args.json)
     return 0
 
 

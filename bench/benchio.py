@@ -97,3 +97,13 @@ def merge_earlier(earlier: dict | None, path: Path | None, per_seed: dict, confi
     return merged, {**config, "seeds": list(merged), "seeds_run_now": config["seeds"],
                     "replaced_seeds": sorted(set(per_seed) & set(earlier["per_seed"])),
                     "extended_from": {"file": str(path), "config": earlier["config"]}}
+
+
+def emit(result: dict, json_path: Path | None) -> None:
+    """Print ``result`` as JSON to stdout and, with ``--json``, write it there (atomically)."""
+    from sts_train.configtools import atomic_write_text
+
+    text = json.dumps(result, indent=2, default=str) + "\n"
+    print(text, end="")
+    if json_path is not None:
+        atomic_write_text(json_path, text)  # temp file in the same folder, then rename

@@ -34,8 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchio import add_output_options, check_output_options
-from sts_train.configtools import atomic_write_text
+from benchio import add_output_options, check_output_options, emit
 
 TARGET_OVERHEAD = 1.25  # passive forward / plain forward
 FLAT_FRACTION_OF_MODEL = 0.5  # flat: peak RSS grows by < half a model's weights per checkpoint
@@ -291,10 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             "analysis": "run_analysis defaults otherwise: probes on, attention at every layer, float32, cpu",
         },
     }
-    text = json.dumps(out, indent=2) + "\n"
-    print(text, end="")
-    if args.json is not None:
-        atomic_write_text(args.json, text)
+    emit(out, args.json)
     return 0
 
 
