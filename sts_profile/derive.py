@@ -88,6 +88,7 @@ from sts_profile.derive_search import (
     MAX_SKIP_PROB, PROGRESS_POINTS, TREND_MIN_REL_RISE, _choose, _layer_model, _token_options,
     _token_trend, fit_decay, predicted_speedup,
 )
+from sts_profile.discover import STAGE_RANK
 from sts_train.errors import StsError
 from sts_train.flops import LayerDims
 from sts_train.schedule import (
@@ -102,7 +103,6 @@ __all__ = [
 
 POLICIES = ("profile", "paper")
 FROZEN_RTOL, FROZEN_ATOL = 1e-4, 1e-6
-_STAGE_RANK = {"alignment": 0, "instruction": 1}
 
 
 @dataclass(frozen=True)
@@ -166,14 +166,15 @@ def _real(option: str, value: Any) -> float:
 # ---------------------------------------------------------------- measurements from the tables
 
 def _stage_order(*tables: pd.DataFrame | None) -> list[str]:
-    """Stages in the tables, ordered by their first step (alignment before instruction on ties)."""
+    """Stages in the tables, ordered by their first step (on ties: alignment/pretrain, then
+    instruction/finetune, then by name)."""
     first: dict[str, int] = {}
     for df in tables:
         if df is None or df.empty:
             continue
         for stage, step in df.groupby("stage")["step"].min().items():
             first[str(stage)] = min(int(step), first.get(str(stage), int(step)))
-    return sorted(first, key=lambda s: (first[s], _STAGE_RANK.get(s, 2), s))
+    return sorted(first, key=lambda s: (first[s], STAGE_RANK.get(s, max(STAGE_RANK.values()) + 1), s))
 
 
 def _checkpoints(*tables: pd.DataFrame | None) -> list[tuple[str, int, str]]:

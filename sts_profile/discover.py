@@ -140,20 +140,28 @@ def _run_checkpoints(run: Path, root: Path, stage: str) -> list[Checkpoint]:
 
 
 def _started_from(run: Path, runs: list[Path]) -> Path | None:
-    """The run among ``runs`` whose checkpoint ``run`` was started from (its ``sts_run.yaml``
-    ``model.path``, relative paths taken from the run folder's parent as well), if any."""
+    """The run among ``runs`` whose checkpoint ``run`` was started from, if any.
+
+    ``model.path`` of the run's ``sts_run.yaml`` is as training was given it: absolute, or
+    relative to where training ran (tried from here and from the folder above the run). Failing
+    those, a path ending in ``<run folder>/<checkpoint>`` (or ``<run folder>``) names that run.
+    """
     given = _section_value(run, "model", "path")
     if given is None:
         return None
+    others = [other for other in runs if other != run]
     for start in (Path(given), run.parent / given):
         try:
             start = start.resolve()
         except (OSError, RuntimeError):
             continue
-        holding = [other for other in runs if other != run and other.resolve() in (start, *start.parents)]
+        holding = [other for other in others if other.resolve() in (start, *start.parents)]
         if holding:  # the innermost: checkpoints saved directly in PATH make PATH a run too
             return max(holding, key=lambda other: len(other.resolve().parts))
-    return None
+    parts = Path(given).parts
+    named = [other for other in others if parts and (parts[-1] == other.name or (
+        len(parts) >= 2 and parts[-2] == other.name and is_model_folder(other / parts[-1])))]
+    return named[0] if len(named) == 1 else None
 
 
 def _training_order(checkpoints: list[Checkpoint]) -> list[Path]:
@@ -173,7 +181,7 @@ def _training_order(checkpoints: list[Checkpoint]) -> list[Path]:
 
     def key(run: Path) -> tuple:
         stage = runs[run][0].stage
-        return STAGE_RANK.get(stage, len(STAGE_RANK)), written(run), stage, str(run)
+        return STAGE_RANK.get(stage, max(STAGE_RANK.values()) + 1), written(run), stage, str(run)
 
     pending = sorted(runs, key=key)
     after = {run: _started_from(run, pending) for run in pending}
@@ -220,16 +228,16 @@ def check_same_architecture(checkpoints: list[Checkpoint], root: Path) -> None:
 
 
 def _monotonic_steps(found: list[Checkpoint]) -> list[Checkpoint]:
-    """Make steps increase across stages: a stage whose run counted again from 0 (a new
-    Trainer started from the previous stage's final checkpoint) is shifted by the last step of
-    the stages before it, so plots over ``step`` show the stages one after the other. Progress
-    within a stage (what schedules use) is unchanged by the shift."""
+    """Make steps increase across runs: a run that counted again from 0 (a new Trainer
+    started from the previous run's final checkpoint, usually the next stage) is shifted by the
+    last step of the runs before it, so plots over ``step`` show the runs one after the other.
+    Progress within a stage (what schedules use) is unchanged by the shift."""
     out, offset, last, current = [], 0, None, None
     for ckpt in found:
-        if ckpt.stage != current:
+        if ckpt.run != current:
             if last is not None and ckpt.step + offset <= last:
                 offset = last
-            current = ckpt.stage
+            current = ckpt.run
         shifted = replace(ckpt, step=ckpt.step + offset)
         last = shifted.step
         out.append(shifted)
@@ -237,7 +245,7 @@ def _monotonic_steps(found: list[Checkpoint]) -> list[Checkpoint]:
 
 
 def discover_checkpoints(path: str | Path) -> list[Checkpoint]:
-    """All checkpoints under ``path``, in training order (stage, then step).
+    """All checkpoints under ``path``, in training order (run, then step).
 
     Args:
         path: a run folder, a folder of model folders, a run with stage sub-folders, or one

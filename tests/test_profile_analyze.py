@@ -432,6 +432,8 @@ def test_stage_runs_are_ordered_as_they_were_trained(tmp_path, config_dict):
     """Stage runs that count from step 0 again are ordered by what they say about themselves,
     not by folder name: LLaVA's own stage names, when the checkpoints were written, and the
     checkpoint a run started from (its sts_run.yaml) over both."""
+    from sts_profile.discover import discover_checkpoints
+
     # LLaVA's scripts name the stages pretrain and finetune ("finetune" sorts first by name);
     # the names hold even when a copy made finetune's files look older
     _stage_runs(tmp_path / "llava", config_dict, {"finetune": (None, 1000), "pretrain": (None, 5000)})
@@ -453,6 +455,15 @@ def test_stage_runs_are_ordered_as_they_were_trained(tmp_path, config_dict):
         _model_folder(root / "checkpoint-0", config_dict, step=0)
         os.utime(root / "checkpoint-0", (100, 100))
         assert [s for s, _ in _stage_sequence(root)] == ["unknown", "zeta", "zeta", "alpha", "alpha", "mid", "mid"]
+    # two runs of one stage, the second started from the first (relative to where training ran,
+    # which is not here: the path's last two parts name the run): steps go on, not back to 1
+    _stage_runs(tmp_path / "twice", config_dict, {
+        "sft-b": ("stage: {name: instruction}\nmodel: {path: elsewhere/runs/sft-a/checkpoint-2}\n", 1000),
+        "sft-a": ("stage: {name: instruction}\n", 5000)})
+    assert _stage_sequence(tmp_path / "twice") == [("instruction", step) for step in (1, 2, 3, 4)]
+    found = discover_checkpoints(tmp_path / "twice")
+    assert [c.name for c in found] == ["sft-a/checkpoint-1", "sft-a/checkpoint-2", "sft-b/checkpoint-1",
+                                       "sft-b/checkpoint-2"]
 
 
 def test_single_checkpoint_finds_its_runs_data(tmp_path, config_dict):
