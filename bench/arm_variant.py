@@ -42,6 +42,23 @@ def seed_of(folder: Path) -> int | None:
     return int(match.group(1))
 
 
+def settings_differ(home: Path, size: str) -> str | None:
+    """What the seed's dense run set differently from the recipe now (steps, learning rate)."""
+    import yaml
+
+    from sts_profile.recipe import RecipeConfig, test_size
+
+    cfg = RecipeConfig(size=size, seed=seed_of(home))
+    cfg = test_size(cfg) if size == "test" else cfg
+    for stage in STAGES:
+        training = yaml.safe_load((home / "dense" / stage / "sts_run.yaml").read_text())["training"]
+        want = {"max_steps": getattr(cfg, f"{stage}_steps"), "learning_rate": getattr(cfg, f"lr_{stage}")}
+        for key, value in want.items():
+            if training.get(key) != value:
+                return f"{stage} {key} = {training.get(key)} (now {value})"
+    return None
+
+
 def data_of(home: Path) -> dict:
     data = home / "data"
     return {"images": data / "images", **{k: data / f"{k}.json" for k in
@@ -146,12 +163,18 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--size small: the bench's small preset is not applied here; use demo or test")
     if (args.schedule is None) != (args.out is None):
         ap.error("--schedule and --out go together")
-    if args.out is not None and args.out.exists() and any(args.out.iterdir()):
-        ap.error(f"{args.out} is not empty; pass a new or empty folder")
+    if args.name in ("dense", "profile"):
+        ap.error(f"--name {args.name} is one of the seed's own arms; pick another name")
+    if args.out is not None and args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        ap.error(f"{args.out} is a file or a non-empty folder; pass a new or empty folder")
     homes = [folder.resolve() for folder in args.seed_dirs]
     for home in homes:
         if seed_of(home) is None:
             ap.error(f"{home}: not a seedN folder of a schedule_quality.py --work folder; pass one")
+        differs = settings_differ(home, args.size)
+        if differs:
+            ap.error(f"{home}: its dense run was trained with {differs}, not the recipe's current settings for"
+                     f" --size {args.size}; the new arm would not be comparable")
     started = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):  # HF prints; stdout keeps the result only
         per_seed = [run_seed(args, home) for home in homes]

@@ -34,8 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchio import add_output_options, check_output_options
-from sts_train.configtools import atomic_write_text
+from benchio import add_output_options, check_output_options, emit
 
 MODES = {  # name -> (token keep ratio, skipped decoder layers)
     "dense": (1.0, ()),
@@ -244,10 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             "peak_memory": "not measured (ru_maxrss is per process; all modes share one)",
         },
     }
-    text = json.dumps(out, indent=2) + "\n"
-    print(text, end="")
-    if args.json is not None:
-        atomic_write_text(args.json, text)  # temp file in the same folder, then rename
+    emit(out, args.json)
     return 0
 
 
