@@ -74,6 +74,21 @@ def _accuracy(outcomes: Iterable[tuple[str, bool]]) -> dict:
 
 
 @torch.no_grad()
+def answer_loss_rows(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per row: the summed cross-entropy of the supervised (answer) tokens and their count.
+
+    ``labels`` as the LLM saw them (shifted here: position t predicts label t + 1). Returns a
+    float64 tensor of shape ``(rows, 2)`` on the logits' device.
+    """
+    target = labels[:, 1:]
+    supervised = target != IGNORE_INDEX
+    losses = F.cross_entropy(logits[:, :-1][supervised].float(), target[supervised], reduction="none")
+    rows = torch.zeros(labels.shape[0], 2, dtype=torch.float64, device=logits.device)
+    rows[:, 0].index_add_(0, supervised.nonzero()[:, 0], losses.double())
+    rows[:, 1] = supervised.sum(1)
+    return rows
+
+
 def score(model, dataset, collator, batch_size: int = 8, limit: int | None = None) -> dict:
     """Loss and answer accuracy of ``model`` on a :class:`LlavaDataset`, in one dense pass.
 

@@ -34,8 +34,8 @@ from sts_train.adapters import ModelParts, model_parts
 from sts_train.compress import TokenCompressor
 from sts_train.config import STAGES, RunConfig
 from sts_train.configtools import atomic_write_text, check_parents, check_replaceable, dump_yaml
-from sts_train.data import IGNORE_INDEX
 from sts_train.errors import DataError, ScheduleError, StsError
+from sts_train.evaluate import answer_loss_rows
 from sts_train.flops import LayerDims, llm_step_flops
 from sts_train.schedule import Schedule, load_schedule, sample_skipped_layers
 from sts_train.skipper import LayerSkipper
@@ -168,31 +168,37 @@ class StsTrainer(Trainer):
     sts: SparsityController
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        counting = self._eval_rows is not None and not model.training
+        labels = inputs.get("labels")  # before HF may pop them (label smoothing)
+        result = super().compute_loss(model, inputs, return_outputs or counting, num_items_in_batch)
         if model.training:
             self.sts.account(inputs)
-        elif self._eval_sums is not None and "labels" in inputs:
-            loss = result[0] if return_outputs else result
-            tokens = (inputs["labels"][:, 1:] != IGNORE_INDEX).sum()
-            self._eval_sums += torch.stack([loss.detach().double() * tokens, tokens.double()]).to(self._eval_sums)
+        elif counting and labels is not None:
+            loss, outputs = result
+            # per row from the logits (HF's loss here is scaled by the token count of all ranks),
+            # on the labels of the sequence the LLM ran (the compressor's forward records them)
+            llm_labels = getattr(outputs, "llm_labels", None)
+            rows = answer_loss_rows(outputs.logits, labels if llm_labels is None else llm_labels)
+            self._eval_rows.append(self.accelerator.gather_for_metrics(rows))  # drops DDP's padding rows
+            result = result if return_outputs else loss
         return result
 
-    _eval_sums: torch.Tensor | None = None
+    _eval_rows: list[torch.Tensor] | None = None
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):
         """The HF loop, with the loss over every supervised token of the split (what
-        ``sts-train evaluate`` reports) instead of the HF Trainer's mean of per-batch means.
-        Under DDP the sums of all ranks are added (samples that pad the last batch count too)."""
-        self._eval_sums = torch.zeros(2, dtype=torch.float64, device=self.args.device)
+        ``sts-train evaluate`` reports) instead of the HF Trainer's mean of per-batch means:
+        summed per sample from the logits, gathered over ranks without DDP's padding samples."""
+        self._eval_rows = []
         try:
             output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
                                              metric_key_prefix)
-            sums = self.accelerator.reduce(self._eval_sums, reduction="sum")
+            rows = torch.cat(self._eval_rows) if self._eval_rows else None
         finally:
-            self._eval_sums = None
-        if sums[1] > 0:
-            output.metrics[f"{metric_key_prefix}_loss"] = float(sums[0] / sums[1])
+            self._eval_rows = None
+        if rows is not None and rows[:, 1].sum() > 0:
+            output.metrics[f"{metric_key_prefix}_loss"] = float(rows[:, 0].sum() / rows[:, 1].sum())
         return output
 
     def log(self, logs: dict, start_time: float | None = None) -> None:

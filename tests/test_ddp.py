@@ -114,28 +114,43 @@ def _torchrun(tmp_path, cfg: dict, timeout: int) -> None:
 
 
 def test_sts_train_under_torchrun(tmp_path, shapes_dir):
+    import json
+
     sched = tmp_path / "schedule.yaml"
     sched.write_text(yaml.safe_dump(SCHEDULE.to_dict()))
+    # 3 held-out samples, one eval sample per rank and batch: rank 1's second batch repeats
+    # sample 0 (DDP pads), and the middle sample keeps one of its five answers
+    held = json.loads(shapes_dir["instruction_eval"].read_text())[:3]
+    held[1]["conversations"], held[1]["kinds"] = held[1]["conversations"][:2], held[1]["kinds"][:1]
+    (tmp_path / "held_out.json").write_text(json.dumps(held))
     cfg = {
         "model": {"size": "test"},
-        "data": {"json": str(shapes_dir["instruction"]), "images": str(shapes_dir["images"].parent)},
+        "data": {"json": str(shapes_dir["instruction"]), "images": str(shapes_dir["images"].parent),
+                 "eval_json": str(tmp_path / "held_out.json"), "eval_images": str(shapes_dir["images"].parent)},
         "stage": {"name": "instruction"},
         "schedule": {"path": str(sched), "stage": "instruction"},
-        "training": {"max_steps": 3, "per_device_train_batch_size": 2, "save_steps": 3,
-                     "logging_steps": 1, "seed": SEED, "report_to": [], "gradient_checkpointing": True},
+        "training": {"max_steps": 3, "per_device_train_batch_size": 2, "per_device_eval_batch_size": 1,
+                     "save_steps": 3, "logging_steps": 1, "seed": SEED, "report_to": [],
+                     "gradient_checkpointing": True},
         "output_dir": str(tmp_path / "run"),
     }
     _torchrun(tmp_path, cfg, timeout=300)
     log = (tmp_path / "run" / "sts_log.jsonl").read_text().splitlines()
     assert len(log) == 3  # rank 0 alone writes
     assert (tmp_path / "run" / "checkpoint-3" / "model.safetensors").is_file()
-    import json
 
     state = json.loads((tmp_path / "run" / "checkpoint-3" / "trainer_state.json").read_text())
     # 2 ranks x batch 2 over 20 samples: 3 steps are 0.6 epochs (one process would be at 0.3)
     assert state["log_history"][-1]["epoch"] == pytest.approx(0.6)
     args = yaml.safe_load((tmp_path / "run" / "sts_run.yaml").read_text())
     assert args["training"]["gradient_checkpointing"] is True
+    # the eval loss over both ranks is the single-process loss over every answer token once
+    from sts_train.evaluate import evaluate_folder
+
+    summary = json.loads((tmp_path / "run" / "sts_summary.json").read_text())
+    single = evaluate_folder(tmp_path / "run" / "checkpoint-3", tmp_path / "held_out.json",
+                             shapes_dir["images"].parent, accuracy=False)
+    assert summary["eval_loss"] == pytest.approx(single["eval_loss"], rel=1e-5)
 
 
 def test_text_only_micro_batch_under_torchrun(tmp_path, shapes_dir):
