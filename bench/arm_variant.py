@@ -93,7 +93,7 @@ def compressed_accuracy(checkpoint: Path, data: dict, method: str, keep_ratio: f
     model.eval()
     parts, pad = model_parts(model), pad_token_id(processor.tokenizer)
     compressor = TokenCompressor(model, parts, pad)
-    compressor.set(method, keep_ratio)
+    compressor.set(method, keep_ratio, torch.Generator().manual_seed(0))  # random: the same draw each run
     compressor.force = True
     dataset = LlavaDataset(data["instruction_eval"], data["images"].parent, processor,
                            num_image_tokens=parts.num_visual_tokens)
