@@ -89,6 +89,7 @@ def answer_loss_rows(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     return rows
 
 
+@torch.no_grad()
 def score(model, dataset, collator, batch_size: int = 8, limit: int | None = None) -> dict:
     """Loss and answer accuracy of ``model`` on a :class:`LlavaDataset`, in one dense pass.
 

@@ -23,7 +23,11 @@ def test_eval_loss_is_token_weighted_mean(shapes_dir, test_processor):
     ds = LlavaDataset(shapes_dir["instruction_eval"], shapes_dir["images"].parent, test_processor,
                       num_image_tokens=16)
     collate = LlavaCollator(test_processor.tokenizer.pad_token_id)
+    grad_on = []  # scoring builds no autograd graph
+    hook = model.register_forward_hook(lambda *_: grad_on.append(torch.is_grad_enabled()))
     got = eval_loss(model, ds, collate, batch_size=3)
+    hook.remove()
+    assert grad_on and not any(grad_on)
     with torch.no_grad():  # one sample at a time, weighted by its number of answer tokens
         parts = []
         for i in range(len(ds)):
