@@ -42,14 +42,19 @@ def seed_of(folder: Path) -> int | None:
     return int(match.group(1))
 
 
+def recipe_config(size: str, seed: int):
+    """The recipe's settings for ``size`` (what schedule_quality.py trains the demo and test sizes with)."""
+    from sts_profile.recipe import RecipeConfig, test_size
+
+    cfg = RecipeConfig(size=size, seed=seed)
+    return test_size(cfg) if size == "test" else cfg
+
+
 def settings_differ(home: Path, size: str) -> str | None:
     """What the seed's dense run set differently from the recipe now (steps, learning rate)."""
     import yaml
 
-    from sts_profile.recipe import RecipeConfig, test_size
-
-    cfg = RecipeConfig(size=size, seed=seed_of(home))
-    cfg = test_size(cfg) if size == "test" else cfg
+    cfg = recipe_config(size, seed_of(home))
     for stage in STAGES:
         training = yaml.safe_load((home / "dense" / stage / "sts_run.yaml").read_text())["training"]
         want = {"max_steps": getattr(cfg, f"{stage}_steps"), "learning_rate": getattr(cfg, f"lr_{stage}")}
@@ -116,13 +121,12 @@ def compressed_accuracy(checkpoint: Path, data: dict, method: str, keep_ratio: f
 
 
 def run_seed(args, home: Path) -> dict:
-    from sts_profile.recipe import Phases, RecipeConfig, test_size, train_two_stages
+    from sts_profile.recipe import Phases, train_two_stages
     from sts_train.evaluate import paired_difference
     from sts_train.schedule import load_schedule
 
     seed, data = seed_of(home), data_of(home)
-    cfg = RecipeConfig(size=args.size, seed=seed)
-    cfg = test_size(cfg) if args.size == "test" else cfg
+    cfg = recipe_config(args.size, seed)
     out, evals = {"seed": seed}, {arm: qa_quality(home / arm, data, cfg.eval_limit) for arm in ("dense", "profile")}
     if args.schedule is not None:
         schedule = Path(str(args.schedule).replace("{seed}", str(seed)))

@@ -88,7 +88,7 @@ from sts_profile.derive_search import (
     MAX_SKIP_PROB, PROGRESS_POINTS, TREND_MIN_REL_RISE, _choose, _layer_model, _token_options,
     _token_trend, fit_decay, predicted_speedup,
 )
-from sts_profile.discover import STAGE_RANK
+from sts_profile.discover import stage_rank
 from sts_train.errors import StsError
 from sts_train.flops import LayerDims
 from sts_train.schedule import (
@@ -174,7 +174,7 @@ def _stage_order(*tables: pd.DataFrame | None) -> list[str]:
             continue
         for stage, step in df.groupby("stage")["step"].min().items():
             first[str(stage)] = min(int(step), first.get(str(stage), int(step)))
-    return sorted(first, key=lambda s: (first[s], STAGE_RANK.get(s, max(STAGE_RANK.values()) + 1), s))
+    return sorted(first, key=lambda s: (first[s], stage_rank(s), s))
 
 
 def _checkpoints(*tables: pd.DataFrame | None) -> list[tuple[str, int, str]]:

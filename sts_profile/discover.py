@@ -43,6 +43,11 @@ RUN_CONFIG_FILE = "sts_run.yaml"  # written by sts_train.train into a run's outp
 # finetune); stage runs with other names follow them, in the order they were trained.
 STAGE_RANK = {"alignment": 0, "pretrain": 0, "instruction": 1, "finetune": 1}
 
+
+def stage_rank(name: str) -> int:
+    """Where a stage named ``name`` goes among others: :data:`STAGE_RANK`, other names after."""
+    return STAGE_RANK.get(name, max(STAGE_RANK.values()) + 1)
+
 # Config keys whose values must agree for two checkpoints to be "the same architecture".
 _SHAPE_KEYS = {
     "text_config": ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -100,7 +105,7 @@ def _global_step(folder: Path) -> int | None:
     return int(step) if isinstance(step, (int, float)) and not isinstance(step, bool) else None
 
 
-def _run_config(run: Path) -> dict:
+def run_config(run: Path) -> dict:
     """A run folder's ``sts_run.yaml`` as a dict (empty when absent or unreadable)."""
     config = run / RUN_CONFIG_FILE
     if not config.is_file():
@@ -113,7 +118,7 @@ def _run_config(run: Path) -> dict:
 
 
 def _section_value(run: Path, section: str, key: str) -> str | None:
-    value = _run_config(run).get(section)
+    value = run_config(run).get(section)
     value = value.get(key) if isinstance(value, dict) else None
     return value if isinstance(value, str) and value else None
 
@@ -181,7 +186,7 @@ def _training_order(checkpoints: list[Checkpoint]) -> list[Path]:
 
     def key(run: Path) -> tuple:
         stage = runs[run][0].stage
-        return STAGE_RANK.get(stage, max(STAGE_RANK.values()) + 1), written(run), stage, str(run)
+        return stage_rank(stage), written(run), stage, str(run)
 
     pending = sorted(runs, key=key)
     after = {run: _started_from(run, pending) for run in pending}

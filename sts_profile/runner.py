@@ -20,11 +20,9 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-import yaml
-
 from sts_profile import __version__
 from sts_profile.discover import (
-    RUN_CONFIG_FILE, Checkpoint, check_weights, discover_checkpoints, processor_folder,
+    RUN_CONFIG_FILE, Checkpoint, check_weights, discover_checkpoints, processor_folder, run_config,
 )
 from sts_train.clitools import echo
 from sts_train.configtools import atomic_write_text
@@ -102,13 +100,7 @@ def calibration_source(config, checkpoints: list[Checkpoint]) -> tuple[Path, Pat
     root = Path(config.ckpt_dir)
     runs = [root, *dict.fromkeys(c.run for c in reversed(checkpoints))]
     for run in runs:
-        path = run / RUN_CONFIG_FILE
-        if not path.is_file():
-            continue
-        try:
-            data = (yaml.safe_load(path.read_text()) or {}).get("data") or {}
-        except (yaml.YAMLError, AttributeError, UnicodeDecodeError):
-            continue
+        path, data = run / RUN_CONFIG_FILE, run_config(run).get("data")
         if isinstance(data, dict) and isinstance(data.get("json"), str):
             images, json_path = data.get("images"), _resolve(data["json"], run)
             if not json_path.is_file():
