@@ -61,6 +61,10 @@ class TrendWarning(UserWarning):
     """Emitted when a run has a single checkpoint: per-checkpoint values, but no trends."""
 
 
+class StageOrderWarning(UserWarning):
+    """Emitted when the order of two stage runs rests on when their checkpoints were written."""
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     """One model folder of a run.
@@ -176,6 +180,9 @@ def _training_order(checkpoints: list[Checkpoint]) -> list[Path]:
     run. Otherwise known stage names come first in their order (:data:`STAGE_RANK`), then the
     others by when their first checkpoint was written (folder modification time; a copy that
     does not keep times loses this), then by name.
+
+    Warns:
+        StageOrderWarning: the order of some runs rests on those times alone.
     """
     runs: dict[Path, list[Checkpoint]] = {}
     for ckpt in checkpoints:
@@ -195,6 +202,29 @@ def _training_order(checkpoints: list[Checkpoint]) -> list[Path]:
         ready = next((r for r in pending if after[r] is None or after[r] in order), pending[0])
         order.append(ready)
         pending.remove(ready)
+
+    def lineage(run: Path) -> list[Path]:  # the run, then the runs it started from, directly or not
+        chain = [run]
+        while after[chain[-1]] is not None and after[chain[-1]] not in chain:
+            chain.append(after[chain[-1]])
+        return chain
+
+    def below_common(a: Path, b: Path) -> tuple[Path, Path]:
+        """The two runs whose order put a and b in theirs: their lines just below where they meet."""
+        line_a, line_b = lineage(a), lineage(b)
+        common = next((r for r in line_a if r in line_b), None)
+        pick = (lambda line: line[-1]) if common is None else (lambda line: line[line.index(common) - 1])
+        return pick(line_a), pick(line_b)
+
+    by_time = {run for i, a in enumerate(order) for b in order[i + 1:]
+               if stage_rank(runs[a][0].stage) == stage_rank(runs[b][0].stage)
+               and a not in lineage(b) and b not in lineage(a) for run in below_common(a, b)}
+    if by_time:
+        named = ", then ".join(r.name for r in order if r in by_time)
+        warnings.warn(f"stage runs ordered by when their checkpoints were written: {named}; neither their stage "
+                      "names (alignment/pretrain before instruction/finetune) nor an sts_run.yaml model.path says "
+                      "which came first: check that order, or rename the stage folders", StageOrderWarning,
+                      stacklevel=3)
     return order
 
 

@@ -422,10 +422,20 @@ def _stage_runs(root: Path, config: dict, runs: dict) -> None:
             (root / folder / "sts_run.yaml").write_text(run_yaml)
 
 
-def _stage_sequence(root: Path) -> list[tuple[str, int]]:
-    from sts_profile.discover import discover_checkpoints
+def _stage_sequence(root: Path, by_time: str | None = None) -> list[tuple[str, int]]:
+    """(stage, step) of each checkpoint found; ``by_time``: the runs the warning says are ordered
+    by when they were written (None: no warning)."""
+    from sts_profile.discover import StageOrderWarning, discover_checkpoints
 
-    return [(c.stage, c.step) for c in discover_checkpoints(root)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        found = discover_checkpoints(root)
+    said = [str(w.message) for w in caught if issubclass(w.category, StageOrderWarning)]
+    assert said == ([] if by_time is None else [
+        f"stage runs ordered by when their checkpoints were written: {by_time}; neither their stage names "
+        "(alignment/pretrain before instruction/finetune) nor an sts_run.yaml model.path says which came "
+        "first: check that order, or rename the stage folders"])
+    return [(c.stage, c.step) for c in found]
 
 
 def test_stage_runs_are_ordered_as_they_were_trained(tmp_path, config_dict):
@@ -439,8 +449,9 @@ def test_stage_runs_are_ordered_as_they_were_trained(tmp_path, config_dict):
     _stage_runs(tmp_path / "llava", config_dict, {"finetune": (None, 1000), "pretrain": (None, 5000)})
     assert _stage_sequence(tmp_path / "llava") == [("pretrain", 1), ("pretrain", 2), ("finetune", 3), ("finetune", 4)]
     # other names: the run whose checkpoints were written first ("dpo" sorts first by name)
+    # (which the analysis warns of: a copy that does not keep file times loses it)
     _stage_runs(tmp_path / "other", config_dict, {"dpo": (None, 5000), "sft": (None, 1000)})
-    assert [s for s, _ in _stage_sequence(tmp_path / "other")] == ["sft", "sft", "dpo", "dpo"]
+    assert [s for s, _ in _stage_sequence(tmp_path / "other", "sft, then dpo")] == ["sft", "sft", "dpo", "dpo"]
     # a run started from another run's checkpoint follows it, whatever the times and names say;
     # the path is as the run was given it: absolute, or relative to the folder above the runs
     for given in (str(tmp_path / "linked" / "zeta" / "checkpoint-2"), "zeta/checkpoint-2"):
@@ -454,7 +465,9 @@ def test_stage_runs_are_ordered_as_they_were_trained(tmp_path, config_dict):
         # a run follows the innermost run that holds its start
         _model_folder(root / "checkpoint-0", config_dict, step=0)
         os.utime(root / "checkpoint-0", (100, 100))
-        assert [s for s, _ in _stage_sequence(root)] == ["unknown", "zeta", "zeta", "alpha", "alpha", "mid", "mid"]
+        # (only the checkpoint above and zeta, linked to nothing, are ordered by their times)
+        assert [s for s, _ in _stage_sequence(root, "linked, then zeta")] == [
+            "unknown", "zeta", "zeta", "alpha", "alpha", "mid", "mid"]
     # two runs of one stage, the second started from the first (relative to where training ran,
     # which is not here: the path's last two parts name the run): steps go on, not back to 1
     _stage_runs(tmp_path / "twice", config_dict, {
@@ -464,6 +477,12 @@ def test_stage_runs_are_ordered_as_they_were_trained(tmp_path, config_dict):
     found = discover_checkpoints(tmp_path / "twice")
     assert [c.name for c in found] == ["sft-a/checkpoint-1", "sft-a/checkpoint-2", "sft-b/checkpoint-1",
                                        "sft-b/checkpoint-2"]
+    # two runs started from one checkpoint: only their own order rests on the times
+    _stage_runs(tmp_path / "fork", config_dict, {
+        "base": ("stage: {name: instruction}\n", 100),
+        "y": ("stage: {name: instruction}\nmodel: {path: base/checkpoint-2}\n", 5000),
+        "x": ("stage: {name: instruction}\nmodel: {path: base/checkpoint-2}\n", 1000)})
+    assert _stage_sequence(tmp_path / "fork", "x, then y") == [("instruction", step) for step in range(1, 7)]
 
 
 def test_single_checkpoint_finds_its_runs_data(tmp_path, config_dict):
