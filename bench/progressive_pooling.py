@@ -165,13 +165,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", type=Path, required=True, help="a schedule_quality.py --json result")
     ap.add_argument("--seeds", type=int, nargs="+", required=True, help="seeds of that result to run")
     ap.add_argument("--end-factor", type=float, default=END_FACTOR,
-                    help="the ramp ends at min(1, this x the profile keep ratio); 1 retrains the profile arm (a control)")
+                    help="the ramp ends at min(1, this x the profile keep ratio); 1 trains the profile arm again")
     add_output_options(ap, work_help="data, schedules and runs of each seed")
     add_extend_option(ap)
     args = ap.parse_args(argv)
     check_output_options(ap, args)
     if not args.end_factor >= 1.0:
-        ap.error(f"--end-factor {args.end_factor}: the ramp must end at or above the profile keep ratio; pass 1 or more")
+        ap.error(f"--end-factor {args.end_factor}: the ramp must end at or above the profile's keep ratio;"
+                 " pass 1 or more")
     try:
         result = json.loads(args.results.read_text())
         held = {int(s) for s in result["per_seed"]}

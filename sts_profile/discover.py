@@ -164,6 +164,8 @@ def _started_from(run: Path, runs: list[Path]) -> Path | None:
             start = start.resolve()
         except (OSError, RuntimeError):
             continue
+        if run.resolve() in (start, *start.parents):  # its own checkpoint: no other run's
+            return None
         holding = [other for other in others if other.resolve() in (start, *start.parents)]
         if holding:  # the innermost: checkpoints saved directly in PATH make PATH a run too
             return max(holding, key=lambda other: len(other.resolve().parts))

@@ -477,6 +477,14 @@ def test_stage_runs_are_ordered_as_they_were_trained(tmp_path, config_dict):
     found = discover_checkpoints(tmp_path / "twice")
     assert [c.name for c in found] == ["sft-a/checkpoint-1", "sft-a/checkpoint-2", "sft-b/checkpoint-1",
                                        "sft-b/checkpoint-2"]
+    # a run that names its own checkpoint (as a restart from it) was not started from the run
+    # that holds it
+    own = tmp_path / "own"
+    restart = own / "sub" / "checkpoint-1"
+    _stage_runs(own, config_dict, {"sub": (f"stage: {{name: sub}}\nmodel: {{path: {restart}}}\n", 10)})
+    _model_folder(own / "checkpoint-0", config_dict, step=0)
+    os.utime(own / "checkpoint-0", (100, 100))
+    assert [s for s, _ in _stage_sequence(own, "sub, then own")] == ["sub", "sub", "unknown"]
     # two runs started from one checkpoint: only their own order rests on the times
     _stage_runs(tmp_path / "fork", config_dict, {
         "base": ("stage: {name: instruction}\n", 100),
