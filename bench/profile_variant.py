@@ -13,10 +13,11 @@ stage's constant token compression at keep ratio ``k``:
 - ``--method M``: compress with M instead (same kept count where M keeps ``round(k N)`` tokens
   and pooling a grid; FLOPs are matched below).
 - ``--end-factor F`` (> 1): a linear ramp from a harsher start to ``min(1, F k)`` at the stage
-  end (progressive resizing; Random-LTD's rising kept tokens).
+  end (progressive resizing; Random-LTD's rising kept tokens). F < 1: from a milder start to
+  ``F k`` (fine tokens while the model first learns to read the image, coarse ones after).
 
-The start (or, with F = 1, the constant ratio) is bisected so that the stage's predicted LLM
-FLOPs do not exceed the profile arm's; layer skipping is left as it is. ``--end-factor 1``
+The start (or, with F = 1, the constant ratio) is the mildest whose predicted LLM FLOPs for
+the stage do not exceed the profile arm's (bisection); layer skipping is left as it is. ``--end-factor 1``
 without ``--method`` trains the profile arm again: a control. The variant trains through both
 stages as the recipe does (``train_two_stages``, the seed's initial weights), is evaluated
 densely as the bench does (``evaluate_run``), and is compared with the same seed's dense and
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -43,7 +45,7 @@ from pathlib import Path
 from benchio import add_extend_option, add_output_options, check_output_options, emit, load_earlier, \
     merge_earlier, over_seeds
 from arm_variant import recipe_config
-from schedule_quality import STAGES, bisect_down, train_loss_curve
+from schedule_quality import STAGES, train_loss_curve
 
 SEED_KEYS = {"variant", "minus_dense_points", "minus_profile_points"}
 
@@ -74,21 +76,24 @@ def variant(schedule, facts: dict, method: str | None = None, end_factor: float 
         target = predicted_speedup(schedule, stage=stage.name, **facts)
 
         def tokens(start: float) -> TokenSparsity:
-            end = min(1.0, end_factor * k) if end_factor > 1.0 else start
+            end = start if end_factor == 1.0 else min(1.0, end_factor * k)
             return TokenSparsity(how, start, end, "linear" if end != start else "constant")
 
-        def speedup(start: float, name=stage.name) -> float:  # rises as start falls
+        def speedup(start: float, name=stage.name) -> float:  # falls as start rises
             trial = Schedule(schedule.schema_version, schedule.source, tuple(
                 replace(s, tokens=tokens(start)) if s.name == name else s for s in schedule.stages))
             return predicted_speedup(trial, stage=name, **facts)
 
-        # bisect_down finds x in [0, hi] with fn(x) == target for fn decreasing: fn = -speedup(k - x)
-        floor = 1.0 / facts["num_visual_tokens"]
-        x = bisect_down(lambda v: -speedup(max(floor, k - v)), -target, k - floor)
-        start = max(floor, k - x)
-        if speedup(start) < target:  # bisection ends within a kept token of the target: take the cheaper side
-            start = max(floor, start - 1.0 / facts["num_visual_tokens"])
-        chosen = tokens(round(start, 4))
+        # the mildest start whose predicted speedup reaches the profile arm's (bisection on [1/N, 1])
+        step = 1.0 / facts["num_visual_tokens"]
+        lo, hi = step, 1.0
+        if speedup(hi) >= target:
+            lo = hi
+        for _ in range(50):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if speedup(mid) >= target else (lo, mid)
+        start = lo
+        chosen = tokens(math.floor(start * 1e4) / 1e4)  # rounded down: never more tokens
         changes[stage.name] = (chosen.method, chosen.keep_ratio, chosen.keep_ratio_end)
         stages.append(replace(stage, tokens=chosen))
     return Schedule(schedule.schema_version, schedule.source, tuple(stages)), changes
@@ -173,9 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     add_extend_option(ap)
     args = ap.parse_args(argv)
     check_output_options(ap, args)
-    if not args.end_factor >= 1.0:
-        ap.error(f"--end-factor {args.end_factor}: the ramp must end at or above the profile's keep ratio;"
-                 " pass 1 or more")
+    if not 0.0 < args.end_factor * 0.5 <= 1.0:  # a ratio's end at most 1 for keep ratios up to 0.5
+        ap.error(f"--end-factor {args.end_factor}: pass a number in (0, 2]")
     try:
         result = json.loads(args.results.read_text())
         held = {int(s) for s in result["per_seed"]}
