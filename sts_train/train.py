@@ -286,7 +286,9 @@ def check_training_args(training) -> None:
                        f" use one of none, all, {', '.join(available)}")
 
 
-def _check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
+def _check_output_dir(out: Path, resume: bool, overwrite: bool, inputs: dict[str, str | None]) -> None:
+    """Refuse, before anything is written, an output folder this run must not write into or
+    (``overwrite``) delete; ``inputs``: the run's input paths by their config key."""
     holds_run = out.is_dir() and (
         (out / RUN_CONFIG_FILE).exists() or any(out.glob("checkpoint-*"))
     )
@@ -301,11 +303,15 @@ def _check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise StsError(f"{out}: exists and is not a folder; choose another output_dir")
     check_parents(out, StsError, inside=True)
-    if overwrite and not holds_run and out.is_dir() and any(out.iterdir()):
-        raise StsError(f"{out}: holds files but no run, and --overwrite would delete them; choose a new"
-                       " or empty output_dir")
+    if not holds_run and out.is_dir() and any(out.iterdir()):
+        raise StsError(f"{out}: holds files but no run; choose a new or empty output_dir")
     if overwrite:
         check_replaceable(out)
+        inside = out.resolve()
+        for key, given in inputs.items():
+            if given is not None and inside in (Path(given).resolve(), *Path(given).resolve().parents):
+                raise StsError(f"{out}: --overwrite would delete {key} ({given}), which lies inside it; move it"
+                               " out or choose another output_dir")
 
 
 def _freeze_for_stage(model, parts: ModelParts, config: RunConfig) -> None:
@@ -439,7 +445,10 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -
     from sts_train.modelio import load_model_and_processor, pad_token_id
 
     out = config.output_path
-    _check_output_dir(out, resume, overwrite)
+    _check_output_dir(out, resume, overwrite, {
+        "data.json": config.data.json, "data.images": config.data.images, "data.eval_json": config.data.eval_json,
+        "data.eval_images": config.data.eval_images, "model.path": config.model.path,
+        "schedule.path": config.schedule.path})
     check_training_args(config.training)
     schedule = load_schedule(config.schedule.path) if config.schedule.path else None
     stage_name = schedule_stage(schedule, config) if schedule is not None else None

@@ -352,14 +352,28 @@ def test_overwrite_only_replaces_a_run(run_setup, monkeypatch):
     mine = tmp / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep")
-    res = _cli(["train", _write(tmp / "run.yaml", dict(cfg, output_dir=str(mine))), "--overwrite"])
-    assert res.exit_code == 2 and "holds files but no run, and --overwrite would delete them" in res.output
-    assert (mine / "notes.txt").read_text() == "keep"
+    # a folder of other files is neither trained into (a later --overwrite would delete them with
+    # the run) nor replaced
+    for flags in ([], ["--overwrite"]):
+        res = _cli(["train", _write(tmp / "run.yaml", dict(cfg, output_dir=str(mine))), *flags])
+        assert res.exit_code == 2 and f"{mine}: holds files but no run; choose a new or empty output_dir" in res.output
+        assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
     monkeypatch.chdir(mine)  # the current folder is never replaced, even when it holds a run
     (mine / "sts_run.yaml").write_text("{}\n")
     res = _cli(["train", _write(tmp / "here.yaml", dict(cfg, output_dir=".")), "--overwrite"])
     assert res.exit_code == 2 and ".: is or contains the current folder; choose a new folder" in res.output
     assert (mine / "notes.txt").read_text() == "keep"
+    # --overwrite does not delete the run's own inputs when they lie inside its output_dir
+    run = tmp / "holder"
+    one = dict(cfg, output_dir=str(run), training=dict(cfg["training"], max_steps=1, save_steps=1))
+    assert _cli(["train", _write(tmp / "holder.yaml", one)]).exit_code == 0
+    (run / "inputs").mkdir()
+    moved = dict(one, data=dict(cfg["data"], json=str(shutil.copy(cfg["data"]["json"], run / "inputs"))))
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    res = _cli(["train", _write(tmp / "moved.yaml", moved), "--overwrite"])
+    assert res.exit_code == 2 and f"{run}: --overwrite would delete data.json ({moved['data']['json']}), which lies" \
+        " inside it; move it out or choose another output_dir" in res.output
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
     # an output_dir under a file is refused before the model loads
     res = _cli(["train", _write(tmp / "under.yaml", dict(cfg, output_dir=str(mine / "notes.txt" / "run")))])
     assert res.exit_code == 2 and f"{mine / 'notes.txt'} is a file, not a folder; choose another path" in res.output
