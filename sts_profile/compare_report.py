@@ -47,6 +47,9 @@ def _fmt(x, pct=False) -> str:
     return html.escape(str(x))
 
 
+REPORT_ENTRIES = frozenset({"plots", "schedule.yaml", "wall_time.png", "summary.json", "index.html"})  # written below
+
+
 def write_comparison(out: Path, result: dict, *, analysis_dir: Path, schedule: Path) -> Path:
     """Write the report folder atomically (built in a temp folder, then renamed).
 

@@ -27,6 +27,7 @@ from sts_train.errors import StsError
 
 STAGE_ORDER = ("alignment", "instruction")
 DEFAULT_TARGET_SPEEDUP = 2.0  # the profile policy's budget when none is given
+WORK_ENTRIES = frozenset({"data", "dense", "analysis", "sparse"})  # what run_recipe writes in --work
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,7 @@ def check_recipe(cfg: RecipeConfig) -> None:
     Raises:
         StsError: one line naming the option and the fix.
     """
+    from sts_profile.compare_report import REPORT_ENTRIES
     from sts_profile.derive import Budget
     from sts_train.configtools import check_overwritable, check_replaceable, json_field
     from sts_train.factory import get_size
@@ -204,11 +206,16 @@ def check_recipe(cfg: RecipeConfig) -> None:
                        " choose two separate folders")
     owned = {work: is_shapes_dataset(work / "data"),  # the recipe writes its data set first
              out: json_field(out / "summary.json", "end_to_end") is not None}
+    written = {work: WORK_ENTRIES, out: REPORT_ENTRIES}
     for folder, option, what in ((work, "--work", "recipe run"), (out, "--out", "recipe report")):
         if folder.is_dir() and any(folder.iterdir()):
             if not cfg.overwrite:
                 raise StsError(f"{option} {folder}: folder is not empty; choose another folder or pass --overwrite")
             check_overwritable(folder, owned[folder], what)
+            other = sorted(p.name for p in folder.iterdir() if p.name not in written[folder])
+            if other:
+                raise StsError(f"{option} {folder}: --overwrite would also delete {other[0]}, which the recipe did"
+                               " not write; move it out or choose another folder")
 
 
 def run_recipe(cfg: RecipeConfig) -> dict:

@@ -74,6 +74,21 @@ def test_recipe_refuses_existing_work_folder(tmp_path):
         assert res.exit_code == 2
         assert f"{tmp_path / name}: holds files but no {what}, and --overwrite would delete them" in res.output
         assert (tmp_path / name / "mine.txt").read_text() == "keep"
+    # nor a recipe's folder that also holds something else (the work folder's own data set is
+    # what marks it as a recipe's)
+    from sts_train.shapes import generate_shapes
+    work, out = tmp_path / "work3", tmp_path / "report3"
+    generate_shapes(work / "data", n_alignment=1, n_instruction=1, n_eval=1, image_size_px=16, seed=0)
+    out.mkdir()
+    (out / "summary.json").write_text('{"end_to_end": {}}')
+    for folder, option in ((work, "--work"), (out, "--out")):
+        (folder / "mymodel").mkdir()
+        res = CliRunner().invoke(app, ["recipe", "--size", "test", "--work", str(work), "--out", str(out),
+                                       "--overwrite"])
+        assert res.exit_code == 2 and f"{option} {folder}: --overwrite would also delete mymodel, which the recipe" \
+            " did not write; move it out or choose another folder" in res.output
+        assert (folder / "mymodel").is_dir() and (work / "data" / "dataset_info.json").is_file()
+        (folder / "mymodel").rmdir()
 
 
 @pytest.mark.parametrize("args, message", [
