@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from sts_train.clitools import user_errors
+from sts_train.clitools import user_errors, warnings_as_lines
 
 app = typer.Typer(
     help="Measure per-layer and per-visual-token redundancy across checkpoints of a LLaVA-style "
@@ -105,7 +105,8 @@ def schedule(
 
         budget = Budget(target_speedup=target_speedup, max_loss_increase=max_loss_increase,
                         policy=policy, **_paper_params(policy, alpha, eps))
-        path = schedule_from_tables(tables_dir, budget, output, overwrite=overwrite)
+        with warnings_as_lines():
+            path = schedule_from_tables(tables_dir, budget, output, overwrite=overwrite)
         typer.echo(f"wrote {path}")
 
 

@@ -36,6 +36,21 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(130) from None
 
 
+@contextlib.contextmanager
+def warnings_as_lines() -> Iterator[None]:
+    """Print each warning raised inside as one ``warning: <message>`` line on stderr (no file
+    name, line number or source line, as Python's default display has)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            for message in dict.fromkeys(str(w.message) for w in caught):  # each once, in order
+                echo(f"warning: {message}")
+
+
 def is_rank_zero() -> bool:
     """True on the process that writes files (rank 0, or no distributed launcher)."""
     import os

@@ -327,6 +327,14 @@ def test_schedule_command_derives_from_tables(analyzed, tmp_path):
         result = _cli("schedule", out, "--target-speedup", 1.3, "-o", derived)
     assert result.exit_code == 0, result.output
     load_schedule(derived).check_model(NUM_LAYERS)
+    # a budget out of reach: the fastest schedule found, and one line per stage that says so (no
+    # Python warning display with its file, line and source)
+    result = _cli("schedule", out, "--target-speedup", 1000, "-o", tmp_path / "far.yaml")
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if "not reachable" in line]
+    assert lines and all(line.startswith("warning: stage ") for line in lines)
+    assert "UserWarning" not in result.output and "derive_schedule(" not in result.output
+    load_schedule(tmp_path / "far.yaml").check_model(NUM_LAYERS)
     _one_line_error(_cli("schedule", out, "--target-speedup", 1.3, "-o", derived), "--overwrite")
     _one_line_error(_cli("schedule", tmp_path, "--target-speedup", 1.3, "-o", tmp_path / "x.yaml"),
                     "not an analysis folder")
