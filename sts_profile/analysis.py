@@ -270,6 +270,7 @@ def run_analysis(config: AnalyzeConfig) -> "Analysis | None":
     budget = config.budget()
     plan = runner.prepare(config)
     rank, world, created = runner.init_distributed()
+    existed = out.exists()
     try:
         if rank == 0:
             if config.overwrite and out.is_dir():
@@ -300,8 +301,23 @@ def run_analysis(config: AnalyzeConfig) -> "Analysis | None":
         write_outputs(out, tables, manifest, budget=budget, notes=notes, checkpoints=plan.checkpoints,
                       trace_file=trace_file)
         return Analysis(out)
+    except BaseException:
+        if rank == 0:
+            _forget_empty_start(out, existed)
+        raise
     finally:
         runner.finish_distributed(created)
+
+
+def _forget_empty_start(out: Path, existed: bool) -> None:
+    """After a failure before any checkpoint was measured, remove the owner record (and the
+    folders this analysis created), so that the folder does not stay marked as another run's."""
+    cache = out / CACHE_DIR
+    if not cache.is_dir() or any(p.name != OWNER_FILE for p in cache.iterdir()):
+        return  # measured checkpoints are kept: analyzing the same run again continues from them
+    shutil.rmtree(cache, ignore_errors=True)
+    if not existed and out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
 
 
 def schedule_from_tables(tables_dir: str | Path, budget, out_path: str | Path, overwrite: bool = False) -> Path:

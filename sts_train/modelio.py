@@ -88,24 +88,42 @@ def check_device(device: str) -> None:
 def load_model(folder: str | Path, *, dtype=None, device=None):
     """Load a supported model folder with plain transformers Auto classes.
 
+    Every weight must fit ``config.json``: transformers would otherwise start the parameters the
+    weights lack from random values (and print a load report), which no analysis or training
+    should build on.
+
     Raises:
-        ModelError: see :func:`read_model_type`; missing, truncated or corrupt weights.
+        ModelError: see :func:`read_model_type`; missing, truncated or corrupt weights; weights
+            that do not fit ``config.json`` (other shapes, missing or extra parameters).
     """
     from transformers import AutoModelForImageTextToText
+    from transformers.utils import logging as hf_logging
 
     folder = Path(folder)
     read_model_type(folder)
     if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
         raise ModelError(f"{folder}: no weight file (model.safetensors); the checkpoint is incomplete")
+    fix = "fix config.json or re-save the model with save_pretrained"
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report; the error below names the first key
     try:
-        model = AutoModelForImageTextToText.from_pretrained(
-            folder, dtype=dtype, trust_remote_code=False, local_files_only=True
+        model, info = AutoModelForImageTextToText.from_pretrained(
+            folder, dtype=dtype, trust_remote_code=False, local_files_only=True, output_loading_info=True
         )
     except Exception as exc:  # transformers raises many types for a damaged file
+        if "ignore_mismatched_sizes" in str(exc):
+            raise ModelError(f"{folder}: the weights have other shapes than config.json says; {fix}") from None
         reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
         raise ModelError(
             f"{folder}: weights could not be loaded ({reason}); the file may be truncated or corrupt, re-save it"
         ) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    for key, what in (("missing_keys", "config.json has parameters the weights lack"),
+                      ("unexpected_keys", "the weights hold parameters config.json has no place for")):
+        names = sorted(info.get(key) or ())
+        if names:
+            raise ModelError(f"{folder}: {what} ({len(names)}, e.g. {names[0]}); {fix}")
     if device is not None:
         model.to(device)
     return model

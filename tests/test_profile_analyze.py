@@ -245,6 +245,27 @@ def test_checkpoints_of_different_architectures(trainer_run, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_weights_that_do_not_fit_the_config(trainer_run, tmp_path):
+    """A config.json edited in every checkpoint alike passes the architecture check; loading
+    then refuses weights of other shapes, or too few or too many of them, rather than starting the
+    parameters they lack from random values; and the failed analysis leaves nothing behind that
+    would mark its folder as this run's."""
+    for key, value, message in (("intermediate_size", 96, "the weights have other shapes than config.json says"),
+                                ("num_hidden_layers", 3, "config.json has parameters the weights lack (9, e.g. "
+                                 "model.language_model.layers.2.input_layernorm.weight)"),
+                                ("num_hidden_layers", 1, "the weights hold parameters config.json has no place "
+                                 "for (9, e.g. model.language_model.layers.1.input_layernorm.weight)")):
+        run = _copy_run(trainer_run, tmp_path / f"run-{key}-{value}")
+        for config_path in run.rglob("config.json"):
+            config = json.loads(config_path.read_text())
+            if "text_config" in config:
+                config["text_config"][key] = value
+                config_path.write_text(json.dumps(config))
+        out = tmp_path / f"out-{key}-{value}"
+        _one_line_error(_analyze(run, out), message, "fix config.json or re-save the model with save_pretrained")
+        assert not out.exists()
+
+
 def test_truncated_weight_file(trainer_run, tmp_path):
     run = _copy_run(trainer_run, tmp_path / "run")
     weights = run / "instruction" / "checkpoint-3" / "model.safetensors"
