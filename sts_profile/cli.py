@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from sts_train.clitools import user_errors, warnings_as_lines
+from sts_train.clitools import run_app, user_errors, warnings_as_lines
 
 app = typer.Typer(
     help="Measure per-layer and per-visual-token redundancy across checkpoints of a LLaVA-style "
@@ -143,5 +143,10 @@ def recipe(
         run_recipe(cfg)
 
 
+def run() -> None:
+    """Console-script entry point (``[project.scripts]``): usage errors as one line, exit 2."""
+    run_app(app)
+
+
 if __name__ == "__main__":
-    app()
+    run()

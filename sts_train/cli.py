@@ -17,7 +17,7 @@ from typing import Optional
 import typer
 import yaml
 
-from sts_train.clitools import user_errors
+from sts_train.clitools import run_app, user_errors
 from sts_train.errors import StsError
 
 app = typer.Typer(
@@ -173,5 +173,10 @@ def plan(
             typer.echo(f"{step:<5d} {str(p.stage):<13s} {str(p.method):<12s} {p.keep_ratio:<6.3f} {probs}")
 
 
+def run() -> None:
+    """Console-script entry point (``[project.scripts]``): usage errors as one line, exit 2."""
+    run_app(app)
+
+
 if __name__ == "__main__":
-    app()
+    run()

@@ -51,6 +51,31 @@ def warnings_as_lines() -> Iterator[None]:
                 echo(f"warning: {message}")
 
 
+def run_app(app: typer.Typer, args: list[str] | None = None) -> None:
+    """Run ``app`` as a console script, with a usage error (an unknown option or command, a
+    missing argument, a value of the wrong type) printed as one ``error:`` line, exit 2, instead
+    of Click's usage text and boxed panel."""
+
+    def is_a(exc: BaseException, name: str) -> bool:  # Typer vendors Click: match Click's classes by name
+        return any(cls.__name__ == name for cls in type(exc).__mro__)
+
+    try:
+        code = app(args=args, standalone_mode=False)
+    except Exception as exc:
+        if is_a(exc, "NoArgsIsHelpError"):  # no arguments at all: the help, as before
+            typer.echo(exc.format_message(), err=True)
+        elif is_a(exc, "UsageError"):
+            where = exc.ctx.command_path if getattr(exc, "ctx", None) is not None else "the command"
+            typer.echo(f"error: {exc.format_message().rstrip('.')}; see {where} --help", err=True)
+        elif is_a(exc, "Abort"):  # Ctrl-C at a prompt
+            typer.echo("interrupted", err=True)
+            sys.exit(130)
+        else:
+            raise
+        sys.exit(EXIT_USER_ERROR)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
 def is_rank_zero() -> bool:
     """True on the process that writes files (rank 0, or no distributed launcher)."""
     import os

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -78,6 +79,23 @@ def test_cli_help(cli):
     res = subprocess.run(exe, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert "Usage" in res.stdout
+
+
+@pytest.mark.parametrize("cli, args, message", [
+    ("sts_profile.cli", ["analyze"], "error: Missing argument 'ckpt_dir'; see {prog} analyze --help"),
+    ("sts_profile.cli", ["nope"], "error: No such command 'nope'; see {prog} --help"),
+    ("sts_train.cli", ["evaluate", "m", "--limit", "1.5"], "error: Invalid value for '--limit': "),
+])
+def test_usage_errors_are_one_line(cli, args, message):
+    """The console scripts (pyproject's [project.scripts]) print a usage error as one line, exit 2."""
+    import tomllib
+
+    scripts = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert f"{cli}:run" in scripts.values()
+    res = subprocess.run([sys.executable, "-m", cli, *args], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and res.stdout == ""
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message.format(prog=f"python -m {cli}")), res.stderr
 
 
 def test_pad_token_id_falls_back_to_eos_then_refuses():
