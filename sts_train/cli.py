@@ -95,6 +95,10 @@ def make_data(
     with user_errors():
         from sts_train.shapes import generate_shapes
 
+        for flag, value, least in (("--n-alignment", n_alignment, 0), ("--n-instruction", n_instruction, 0),
+                                   ("--n-eval", n_eval, 0), ("--image-size", image_size, 16)):
+            if value < least:
+                raise StsError(f"{flag} {value}: must be an integer >= {least}")
         paths = generate_shapes(out, n_alignment=n_alignment, n_instruction=n_instruction, n_eval=n_eval,
                                 image_size_px=image_size, seed=seed, overwrite=overwrite)
         typer.echo(f"wrote {len(paths)} files under {out}")
@@ -166,9 +170,10 @@ def plan(
         sched = load_schedule(schedule)
         sched.check_model(layers)
         every = every or max(1, steps // 10)
+        plans = [(step, sched.plan(step, num_layers=layers, stage=stage, total_steps=steps))
+                 for step in sorted(set(range(0, steps, every)) | {steps - 1})]  # all checked before printing
         typer.echo("step  stage         method       keep   skip_prob per layer")
-        for step in sorted(set(range(0, steps, every)) | {steps - 1}):
-            p = sched.plan(step, num_layers=layers, stage=stage, total_steps=steps)
+        for step, p in plans:
             probs = " ".join(f"{x:.2f}" for x in p.skip_prob)
             typer.echo(f"{step:<5d} {str(p.stage):<13s} {str(p.method):<12s} {p.keep_ratio:<6.3f} {probs}")
 

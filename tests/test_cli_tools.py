@@ -47,6 +47,7 @@ def test_plan_prints_the_paper_formula(tmp_path):
     assert rows[1][5] == f"{0.25 * 0.5 * (1 - 0.2 / 3):.2f}"
     res = runner.invoke(app, ["plan", str(sched), "--layers", "4", "--steps", "10", "--stage", "nope"])
     assert res.exit_code == 2 and "nope" in res.output
+    assert "step  stage" not in res.output  # no table begun before the error
 
 
 def test_evaluate_command_writes_json(tmp_path, shapes_dir):
@@ -101,6 +102,13 @@ def test_overwrite_refuses_a_symbolic_link(tmp_path):
     res = runner.invoke(app, ["make-model", "test", str(tmp_path / "link"), "--overwrite"])
     assert res.exit_code == 2 and f"{tmp_path / 'link'}: is a symbolic link; pass the folder it points to" in res.output
     assert (tmp_path / "real" / "keep.txt").read_text() == "keep"
+
+
+def test_make_data_names_the_option_of_a_bad_count(tmp_path):
+    for flag, value, least in (("--n-alignment", "-1", 0), ("--n-eval", "-3", 0), ("--image-size", "8", 16)):
+        res = runner.invoke(app, ["make-data", str(tmp_path / "d"), flag, value])
+        assert res.exit_code == 2 and res.output.strip() == f"error: {flag} {value}: must be an integer >= {least}"
+        assert not (tmp_path / "d").exists()
 
 
 def test_overwrite_replaces_only_what_the_tool_wrote(tmp_path):
