@@ -207,9 +207,11 @@ def evaluate_folder(model_dir: str | Path, json_path: str | Path, images: str | 
     Raises:
         StsError: bad model folder, data or device (one-line messages).
     """
+    from sts_train.data import load_llava_json
     from sts_train.modelio import check_device, load_model, load_processor
 
     check_device(device)
+    load_llava_json(json_path, images, check_images=False)  # bad data fails before the model loads
     model, processor = load_model(model_dir, device=device), load_processor(model_dir)
     return {"model": str(model_dir), **evaluate_split(model, processor, json_path, images, batch_size=batch_size,
                                                       accuracy=accuracy, limit=limit)}

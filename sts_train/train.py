@@ -399,7 +399,7 @@ def _refuse_unsupported_launch(skips_layers: bool) -> None:
 
 def build_training_args(config: RunConfig, find_unused: bool) -> TrainingArguments:
     t = config.training
-    eval_steps = t.eval_steps if config.data.eval_json else None
+    eval_steps = t.eval_steps if config.data.eval_json else None  # (train() refuses eval_steps without it)
     return TrainingArguments(
         output_dir=str(config.output_path),
         max_steps=t.max_steps,
@@ -450,6 +450,9 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -
         "data.eval_images": config.data.eval_images, "model.path": config.model.path,
         "schedule.path": config.schedule.path})
     check_training_args(config.training)
+    if config.training.eval_steps is not None and not config.data.eval_json:
+        raise StsError(f"training.eval_steps = {config.training.eval_steps} but data.eval_json is not set; add a"
+                       " held-out LLaVA JSON as data.eval_json, or drop eval_steps")
     schedule = load_schedule(config.schedule.path) if config.schedule.path else None
     stage_name = schedule_stage(schedule, config) if schedule is not None else None
     model, processor = load_model_and_processor(config.model.path, config.model.size, config.model.seed)

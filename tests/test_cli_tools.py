@@ -50,7 +50,7 @@ def test_plan_prints_the_paper_formula(tmp_path):
     assert "step  stage" not in res.output  # no table begun before the error
 
 
-def test_evaluate_command_writes_json(tmp_path, shapes_dir):
+def test_evaluate_command_writes_json(tmp_path, shapes_dir, monkeypatch):
     runner.invoke(app, ["make-model", "test", str(tmp_path / "m")])
     out = tmp_path / "eval.json"
     res = runner.invoke(app, ["evaluate", str(tmp_path / "m"), "--data", str(shapes_dir["instruction_eval"]),
@@ -61,6 +61,15 @@ def test_evaluate_command_writes_json(tmp_path, shapes_dir):
     assert len(result["outcomes"]) == 20 and "outcomes" not in res.output
     res = runner.invoke(app, ["evaluate", str(tmp_path / "nothing"), "--data", str(shapes_dir["instruction_eval"])])
     assert res.exit_code == 2 and "not a model folder" in res.output
+    # bad data is refused before the model is loaded
+    import sts_train.modelio
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data were checked")
+
+    monkeypatch.setattr(sts_train.modelio, "load_model", no_load)
+    res = runner.invoke(app, ["evaluate", str(tmp_path / "m"), "--data", str(tmp_path / "missing.json")])
+    assert res.exit_code == 2 and str(tmp_path / "missing.json") in res.output and "Traceback" not in res.output
 
 
 def test_make_model_never_replaces_the_current_folder(tmp_path, monkeypatch):

@@ -347,6 +347,15 @@ def test_set_fills_a_commented_out_section_and_refuses_bad_yaml(run_setup):
     assert res.exit_code == 2 and "--set output_dir.x: output_dir is" in res.output and "not a section" in res.output
 
 
+def test_eval_steps_needs_held_out_data(run_setup):
+    tmp, cfg = run_setup
+    cfg["training"] = dict(cfg["training"], eval_steps=2)
+    res = _cli(["train", _write(tmp / "run.yaml", cfg)])
+    assert res.exit_code == 2 and "training.eval_steps = 2 but data.eval_json is not set; add a held-out LLaVA JSON" \
+        " as data.eval_json, or drop eval_steps" in res.output
+    assert not (tmp / "run").exists()
+
+
 def test_overwrite_only_replaces_a_run(run_setup, monkeypatch):
     tmp, cfg = run_setup
     mine = tmp / "mine"
