@@ -28,6 +28,7 @@ Nothing from a checkpoint is executed or unpickled here: only ``config.json``,
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import warnings
@@ -164,11 +165,10 @@ def _started_from(run: Path, runs: list[Path]) -> Path | None:
             start = start.resolve()
         except (OSError, RuntimeError):
             continue
-        if run.resolve() in (start, *start.parents):  # its own checkpoint: no other run's
-            return None
-        holding = [other for other in others if other.resolve() in (start, *start.parents)]
+        holding = [other for other in [run, *others] if other.resolve() in (start, *start.parents)]
         if holding:  # the innermost: checkpoints saved directly in PATH make PATH a run too
-            return max(holding, key=lambda other: len(other.resolve().parts))
+            inner = max(holding, key=lambda other: len(other.resolve().parts))
+            return None if inner == run else inner  # its own checkpoint (a restart): no other run's
     parts = Path(given).parts
     named = [other for other in others if parts and (parts[-1] == other.name or (
         len(parts) >= 2 and parts[-2] == other.name and is_model_folder(other / parts[-1])))]
@@ -211,16 +211,20 @@ def _training_order(checkpoints: list[Checkpoint]) -> list[Path]:
             chain.append(after[chain[-1]])
         return chain
 
+    def rank(run: Path) -> int:
+        return stage_rank(runs[run][0].stage)
+
     def below_common(a: Path, b: Path) -> tuple[Path, Path]:
-        """The two runs whose order put a and b in theirs: their lines just below where they meet."""
-        line_a, line_b = lineage(a), lineage(b)
+        """The two runs whose order by time put a and b in theirs: on the lines of runs each
+        started from (of a's and b's stage rank; earlier ranks are ordered by name), the runs
+        just below where the lines meet, or the lines' first runs."""
+        line_a, line_b = (list(itertools.takewhile(lambda r: rank(r) == rank(a), lineage(x))) for x in (a, b))
         common = next((r for r in line_a if r in line_b), None)
         pick = (lambda line: line[-1]) if common is None else (lambda line: line[line.index(common) - 1])
         return pick(line_a), pick(line_b)
 
     by_time = {run for i, a in enumerate(order) for b in order[i + 1:]
-               if stage_rank(runs[a][0].stage) == stage_rank(runs[b][0].stage)
-               and a not in lineage(b) and b not in lineage(a) for run in below_common(a, b)}
+               if rank(a) == rank(b) and a not in lineage(b) and b not in lineage(a) for run in below_common(a, b)}
     if by_time:
         named = ", then ".join(r.name for r in order if r in by_time)
         warnings.warn(f"stage runs ordered by when their checkpoints were written: {named}; neither their stage "

@@ -514,6 +514,14 @@ def test_stage_runs_are_ordered_as_they_were_trained(tmp_path, config_dict):
     _model_folder(own / "checkpoint-0", config_dict, step=0)
     os.utime(own / "checkpoint-0", (100, 100))
     assert [s for s, _ in _stage_sequence(own, "sub, then own")] == ["sub", "sub", "unknown"]
+    # two instruction runs, one started from the alignment run: the alignment run comes first by
+    # its name, and only the two instruction runs are ordered by their times
+    _stage_runs(tmp_path / "mixed", config_dict, {
+        "align": ("stage: {name: alignment}\n", 100),
+        "a": ("stage: {name: instruction}\nmodel: {path: align/checkpoint-2}\n", 5000),
+        "b": ("stage: {name: instruction}\n", 1000)})
+    assert [s for s, _ in _stage_sequence(tmp_path / "mixed", "b, then a")] == [
+        "alignment", "alignment", "instruction", "instruction", "instruction", "instruction"]
     # two runs started from one checkpoint: only their own order rests on the times
     _stage_runs(tmp_path / "fork", config_dict, {
         "base": ("stage: {name: instruction}\n", 100),
