@@ -306,10 +306,11 @@ def _check_output_dir(out: Path, resume: bool, overwrite: bool, inputs: dict[str
     if not holds_run and out.is_dir() and any(out.iterdir()):
         raise StsError(f"{out}: holds files but no run; choose a new or empty output_dir")
     if overwrite:
-        check_replaceable(out)
-        inside = out.resolve()
+        replaced = check_replaceable(out)
         for key, given in inputs.items():
-            if given is not None and inside in (Path(given).resolve(), *Path(given).resolve().parents):
+            # as written (a link inside would be deleted) and as resolved (the files themselves)
+            if given is not None and (Path(os.path.abspath(given)).is_relative_to(os.path.abspath(out))
+                                      or Path(given).resolve().is_relative_to(replaced)):
                 raise StsError(f"{out}: --overwrite would delete {key} ({given}), which lies inside it; move it"
                                " out or choose another output_dir")
 

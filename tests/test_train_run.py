@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -383,6 +384,13 @@ def test_overwrite_only_replaces_a_run(run_setup, monkeypatch):
     assert res.exit_code == 2 and f"{run}: --overwrite would delete data.json ({moved['data']['json']}), which lies" \
         " inside it; move it out or choose another output_dir" in res.output
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    # nor images reached through a link inside it (the link would go), given relative to here
+    monkeypatch.chdir(tmp)
+    (run / "inputs" / "images").symlink_to(Path(cfg["data"]["images"]))
+    linked = dict(one, data=dict(cfg["data"], images="holder/inputs/images"))
+    res = _cli(["train", _write(tmp / "linked.yaml", linked), "--overwrite"])
+    assert res.exit_code == 2 and "--overwrite would delete data.images (holder/inputs/images)" in res.output
+    assert (run / "inputs" / "images").is_symlink() and (run / "sts_run.yaml").is_file()
     # an output_dir under a file is refused before the model loads
     res = _cli(["train", _write(tmp / "under.yaml", dict(cfg, output_dir=str(mine / "notes.txt" / "run")))])
     assert res.exit_code == 2 and f"{mine / 'notes.txt'} is a file, not a folder; choose another path" in res.output
