@@ -61,8 +61,12 @@ def stored_config(result: dict, seed: int):
 
 def variant(schedule, facts: dict, method: str | None = None, end_factor: float = 1.0):
     """``schedule`` with each stage's constant token compression done by ``method`` (None: as it
-    is) and, for ``end_factor`` > 1, ramped linearly to ``min(1, end_factor * k)``, at no more
-    predicted stage FLOPs; returns (schedule, {stage: (method, start, end)})."""
+    is) and, for ``end_factor`` other than 1, ramped linearly to ``min(1, end_factor * k)``, at
+    no more predicted stage FLOPs; returns (schedule, {stage: (method, start, end)}).
+
+    Raises:
+        ValueError: no start reaches the profile arm's predicted speedup.
+    """
     from sts_profile.derive import predicted_speedup
     from sts_train.schedule import Schedule, TokenSparsity
 
@@ -84,9 +88,9 @@ def variant(schedule, facts: dict, method: str | None = None, end_factor: float 
                 replace(s, tokens=tokens(start)) if s.name == name else s for s in schedule.stages))
             return predicted_speedup(trial, stage=name, **facts)
 
-        # the mildest start whose predicted speedup reaches the profile arm's (bisection on [1/N, 1])
-        step = 1.0 / facts["num_visual_tokens"]
-        lo, hi = step, 1.0
+        # the mildest start whose predicted speedup reaches the profile arm's: kept counts make
+        # the speedup a step function, so not schedule_quality.bisect_down (a point where it is equal)
+        lo, hi = 1.0 / facts["num_visual_tokens"], 1.0
         if speedup(hi) >= target:
             lo = hi
         for _ in range(50):
@@ -94,6 +98,9 @@ def variant(schedule, facts: dict, method: str | None = None, end_factor: float 
             lo, hi = (mid, hi) if speedup(mid) >= target else (lo, mid)
         start = lo
         chosen = tokens(math.floor(start * 1e4) / 1e4)  # rounded down: never more tokens
+        if speedup(chosen.keep_ratio) < target:
+            raise ValueError(f"stage {stage.name}: no start reaches the profile arm's predicted speedup"
+                             f" {target:.3f} with end factor {end_factor}; pass a factor nearer 1")
         changes[stage.name] = (chosen.method, chosen.keep_ratio, chosen.keep_ratio_end)
         stages.append(replace(stage, tokens=chosen))
     return Schedule(schedule.schema_version, schedule.source, tuple(stages)), changes

@@ -15,7 +15,6 @@ import os
 import random
 import statistics
 import sys
-import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -24,7 +23,7 @@ from sts_profile import __version__
 from sts_profile.discover import (
     RUN_CONFIG_FILE, Checkpoint, check_weights, discover_checkpoints, processor_folder, run_config,
 )
-from sts_train.clitools import echo
+from sts_train.clitools import warnings_as_lines
 from sts_train.configtools import atomic_write_text
 from sts_train.errors import DataError, StsError
 
@@ -122,13 +121,8 @@ def prepare(config) -> Plan:
     from sts_train.data import LlavaCollator, LlavaDataset, load_llava_json
     from sts_train.modelio import load_processor, pad_token_id
 
-    notes = []
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with warnings_as_lines() as notes:
         checkpoints = discover_checkpoints(config.ckpt_dir)
-    for w in caught:
-        notes.append(str(w.message))
-        echo(f"warning: {w.message}")
     for ckpt in checkpoints:
         check_weights(ckpt.path)
     facts = _model_facts(checkpoints[0].path)

@@ -93,10 +93,10 @@ def make_data(
 ) -> None:
     """Generate the synthetic "shapes" data set in the LLaVA format."""
     with user_errors():
-        from sts_train.shapes import generate_shapes
+        from sts_train.shapes import MIN_IMAGE_SIZE_PX, generate_shapes
 
         for flag, value, least in (("--n-alignment", n_alignment, 0), ("--n-instruction", n_instruction, 0),
-                                   ("--n-eval", n_eval, 0), ("--image-size", image_size, 16)):
+                                   ("--n-eval", n_eval, 0), ("--image-size", image_size, MIN_IMAGE_SIZE_PX)):
             if value < least:
                 raise StsError(f"{flag} {value}: must be an integer >= {least}")
         paths = generate_shapes(out, n_alignment=n_alignment, n_instruction=n_instruction, n_eval=n_eval,

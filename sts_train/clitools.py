@@ -37,17 +37,20 @@ def user_errors() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def warnings_as_lines() -> Iterator[None]:
+def warnings_as_lines() -> Iterator[list[str]]:
     """Print each warning raised inside as one ``warning: <message>`` line on stderr (no file
-    name, line number or source line, as Python's default display has)."""
+    name, line number or source line, as Python's default display has); yields the list the
+    messages are added to when the block ends."""
     import warnings
 
+    said: list[str] = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            yield
+            yield said
         finally:
-            for message in dict.fromkeys(str(w.message) for w in caught):  # each once, in order
+            said += dict.fromkeys(str(w.message) for w in caught)  # each once, in order
+            for message in said:
                 echo(f"warning: {message}")
 
 
@@ -62,8 +65,8 @@ def run_app(app: typer.Typer, args: list[str] | None = None) -> None:
     try:
         code = app(args=args, standalone_mode=False)
     except Exception as exc:
-        if is_a(exc, "NoArgsIsHelpError"):  # no arguments at all: the help, as before
-            typer.echo(exc.format_message(), err=True)
+        if is_a(exc, "NoArgsIsHelpError"):  # no arguments at all: Typer has printed the help
+            pass
         elif is_a(exc, "UsageError"):
             where = exc.ctx.command_path if getattr(exc, "ctx", None) is not None else "the command"
             typer.echo(f"error: {exc.format_message().rstrip('.')}; see {where} --help", err=True)

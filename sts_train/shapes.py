@@ -30,6 +30,8 @@ from pathlib import Path
 from sts_train.configtools import check_overwritable, check_replaceable, json_field
 from sts_train.errors import DataError
 
+MIN_IMAGE_SIZE_PX = 16  # generate_shapes draws shapes of at least a few pixels
+
 COLORS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
 SHAPES = ("circle", "square", "triangle", "cross")
 POSITIONS = ("left", "right", "top", "bottom", "center")
@@ -253,8 +255,8 @@ def generate_shapes(out_dir: str | Path, *, n_alignment: int = 200, n_instructio
     for key, value in counts.items():
         if not isinstance(value, int) or value < 0:
             raise DataError(f"{key}={value!r}: must be an integer >= 0")
-    if not isinstance(image_size_px, int) or image_size_px < 16:
-        raise DataError(f"image_size_px={image_size_px!r}: must be an integer >= 16")
+    if not isinstance(image_size_px, int) or image_size_px < MIN_IMAGE_SIZE_PX:
+        raise DataError(f"image_size_px={image_size_px!r}: must be an integer >= {MIN_IMAGE_SIZE_PX}")
     given, out_dir = Path(out_dir), check_replaceable(out_dir, DataError)
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise DataError(f"{out_dir}: folder is not empty; choose a new folder or pass --overwrite")

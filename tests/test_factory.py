@@ -85,6 +85,7 @@ def test_cli_help(cli):
     ("sts_profile.cli", ["analyze"], "error: Missing argument 'ckpt_dir'; see {prog} analyze --help"),
     ("sts_profile.cli", ["nope"], "error: No such command 'nope'; see {prog} --help"),
     ("sts_train.cli", ["evaluate", "m", "--limit", "1.5"], "error: Invalid value for '--limit': "),
+    ("sts_train.cli", ["plan", "missing.yaml", "--layers", "2", "--steps", "4"], "error: missing.yaml: "),
 ])
 def test_usage_errors_are_one_line(cli, args, message):
     """The console scripts (pyproject's [project.scripts]) print a usage error as one line, exit 2."""
@@ -96,6 +97,11 @@ def test_usage_errors_are_one_line(cli, args, message):
     assert res.returncode == 2 and res.stdout == ""
     lines = res.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith(message.format(prog=f"python -m {cli}")), res.stderr
+
+
+def test_no_arguments_print_the_help():
+    res = subprocess.run([sys.executable, "-m", "sts_profile.cli"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "Usage" in res.stdout and "analyze" in res.stdout and res.stderr == ""
 
 
 def test_pad_token_id_falls_back_to_eos_then_refuses():
