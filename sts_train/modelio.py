@@ -7,6 +7,7 @@ Never executes code from a folder: no ``trust_remote_code``, weights via safeten
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from sts_train.adapters import ADAPTERS
@@ -85,6 +86,30 @@ def check_device(device: str) -> None:
                            f" cuda:{count - 1}")
 
 
+def _check_size_fits(folder: Path, fix: str) -> None:
+    """Refuse a config.json that describes far more parameters than the safetensors weights
+    hold (e.g. one that lost its sizes, so that transformers' defaults build a 7B model) before
+    the model is built; counted on the meta device and from the weight files' headers."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    files = sorted(folder.glob("*.safetensors"))
+    try:
+        held = 0
+        for file in files:
+            with safe_open(str(file), framework="pt") as handle:
+                held += sum(math.prod(handle.get_slice(key).get_shape()) for key in handle.keys())
+        config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+        with torch.device("meta"):
+            wanted = sum(p.numel() for p in AutoModelForImageTextToText.from_config(config).parameters())
+    except Exception:  # a damaged file or config: from_pretrained reports it
+        return
+    if files and wanted > 4 * held:  # 4x: room for weights stored packed (4-bit) or partly tied
+        raise ModelError(f"{folder}: config.json describes {wanted:,} parameters but the weights hold {held:,};"
+                         f" {fix}")
+
+
 def load_model(folder: str | Path, *, dtype=None, device=None):
     """Load a supported model folder with plain transformers Auto classes.
 
@@ -104,6 +129,7 @@ def load_model(folder: str | Path, *, dtype=None, device=None):
     if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
         raise ModelError(f"{folder}: no weight file (model.safetensors); the checkpoint is incomplete")
     fix = "fix config.json or re-save the model with save_pretrained"
+    _check_size_fits(folder, fix)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its load report; the error below names the first key
     try:

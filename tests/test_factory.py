@@ -60,6 +60,23 @@ def test_save_and_reload_with_plain_auto_classes(tmp_path):
     assert out.logits.shape == (1, enc["input_ids"].shape[1], loaded.config.text_config.vocab_size)
 
 
+def test_a_config_far_larger_than_its_weights_is_refused_before_it_is_built(tmp_path):
+    """A config.json that lost the model's sizes would build transformers' defaults (a 7B
+    model on the test weights); the parameter count is compared on the meta device first."""
+    import json
+
+    from sts_train.modelio import load_model
+
+    folder = save_model_folder("test", tmp_path / "m", seed=0)
+    held = sum(p.numel() for p in build_model("test", seed=0).parameters())
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"].update(hidden_size=1024, intermediate_size=4096, head_dim=64)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match=rf"config.json describes [\d,]+ parameters but the weights hold {held:,}; "
+                                         "fix config.json or re-save the model with save_pretrained"):
+        load_model(folder)
+
+
 def test_save_refuses_non_empty_folder(tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "keep.txt").write_text("mine")
