@@ -9,6 +9,7 @@ trainable, vision tower frozen. Modes:
 
     dense    all 576 visual tokens, all layers
     tokens   uniform pooling to keep_ratio 0.25 (24x24 -> 12x12 grid)
+    merged   merging to the same 144 tokens (``merge_vs_pooling``: its step time over tokens')
     layers   layers {1, 3, 5, 6} skipped (half; never the first or last)
     both     tokens + layers
 
@@ -41,7 +42,9 @@ MODES = {  # name -> (token keep ratio, skipped decoder layers)
     "tokens": (0.25, ()),
     "layers": (1.0, (1, 3, 5, 6)),
     "both": (0.25, (1, 3, 5, 6)),
+    "merged": (0.25, ()),
 }
+TOKEN_METHOD = {"merged": "merge"}  # the rest pool (uniform); merged keeps as many tokens as tokens
 TARGET_SPEEDUP = 2.5  # "both" vs dense, per step
 TARGET_REALIZED = 0.85  # of the FLOPs-ideal speedup, "both"
 
@@ -133,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         """One timed train step; returns (seconds, LLM FLOPs, whole-step FLOPs, LLM seq len,
         seconds per phase: forward, backward, optimizer = clip + AdamW step + zero_grad)."""
         keep_ratio, skipped = MODES[mode]
-        compressor.set("uniform", keep_ratio)
+        compressor.set(TOKEN_METHOD.get(mode, "uniform"), keep_ratio)
         skipper.set_skipped(skipped)
         start = time.perf_counter()
         loss = model(**batch).loss
@@ -186,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         flops_whole = median_over_rounds(lambda rd: rd["dense"][2] / rd[mode][2])
         speedup_compute = median_over_rounds(lambda rd: compute_s(rd["dense"]) / compute_s(rd[mode]))
         modes_out[mode] = {
+            "token_method": TOKEN_METHOD.get(mode, "uniform"),
             "keep_ratio": MODES[mode][0],
             "skipped_layers": list(MODES[mode][1]),
             "llm_seq_len_median": median_over_rounds(lambda rd: rd[mode][3]),
@@ -220,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
             "realized_met_llm_flops": both["realized_fraction"] >= TARGET_REALIZED,
             "realized_met_whole_step_flops": both["realized_fraction_whole_step"] >= TARGET_REALIZED,
         },
+        # merging against pooling to the same kept tokens: median over rounds of the time ratio
+        "merge_vs_pooling": statistics.median(rd["merged"][0] / rd["tokens"][0] for rd in rounds),
         "flops_note": (
             "flops_speedup / realized_fraction: LLM part only, as SparsityController.account "
             "(vision tower not counted). *_whole_step: adds the frozen vision tower's forward "
@@ -237,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             "data_time_s_per_batch_excluded": data_time_s,
             "text_tokens_per_sample_mean": statistics.mean(text_tokens),
             "dense_seq_len_padded": [b["input_ids"].shape[1] for b in batches],
-            "decoder_layers": parts.num_layers, "token_method": "uniform",
+            "decoder_layers": parts.num_layers,
             "optimizer": "AdamW(fused, lr 1e-5), clip_grad_norm 1.0",
             "trainable": "LLM + projector; vision tower frozen",
             "peak_memory": "not measured (ru_maxrss is per process; all modes share one)",
