@@ -65,9 +65,9 @@ def settings_differ(home: Path, size: str) -> str | None:
 
 
 def data_of(home: Path) -> dict:
-    data = home / "data"
-    return {"images": data / "images", **{k: data / f"{k}.json" for k in
-                                          ("alignment", "instruction", "alignment_eval", "instruction_eval")}}
+    from sts_train.shapes import dataset_paths
+
+    return dataset_paths(home / "data")
 
 
 def qa_quality(run_dir: Path, data: dict, limit: int | None) -> dict:

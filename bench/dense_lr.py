@@ -28,19 +28,14 @@ from sts_train.configtools import atomic_write_text
 
 
 def run_one(size: str, seed: int, lr: float, work: Path) -> dict:
-    from sts_profile.recipe import Phases, RecipeConfig, evaluate_run, test_size, train_two_stages
-    from sts_train.factory import get_size
-    from sts_train.shapes import generate_shapes
+    from sts_profile.recipe import Phases, RecipeConfig, evaluate_run, recipe_data, test_size, train_two_stages
+    from sts_train.shapes import dataset_paths
 
     cfg = RecipeConfig(size=size, seed=seed)
     cfg = replace(test_size(cfg) if size == "test" else cfg, lr_instruction=lr)  # test: seconds, a dry run
     data_dir = work / f"data_seed{seed}"
-    if (data_dir / "dataset_info.json").exists():  # one data set per seed, shared by its rates
-        data = {"images": data_dir / "images", **{k: data_dir / f"{k}.json" for k in
-                                                   ("alignment", "instruction", "alignment_eval", "instruction_eval")}}
-    else:
-        data = generate_shapes(data_dir, n_alignment=cfg.n_alignment, n_instruction=cfg.n_instruction,
-                               n_eval=cfg.n_eval, image_size_px=get_size(size).image_size_px, seed=seed)
+    # one data set per seed, shared by its rates
+    data = dataset_paths(data_dir) if (data_dir / "dataset_info.json").exists() else recipe_data(cfg, data_dir)
     started = time.perf_counter()
     run_dir = work / f"seed{seed}_lr{lr:g}"
     train_two_stages(cfg, data, run_dir, Phases(), f"dense lr {lr:g}")

@@ -7,7 +7,7 @@
     python bench/profile_variant.py --results ... --end-factor 1.5 ...   # progressive pooling
 
 For each seed of a ``schedule_quality.py`` result (``--results``): regenerate the seed's data
-(``generate_shapes``, as that bench does), take its profile arm's schedule, and change each
+(``recipe_data``, as that bench does), take its profile arm's schedule, and change each
 stage's constant token compression at keep ratio ``k``:
 
 - ``--method M``: compress with M instead (same kept count where M keeps ``round(k N)`` tokens
@@ -107,19 +107,16 @@ def variant(schedule, facts: dict, method: str | None = None, end_factor: float 
 
 
 def run_seed(result: dict, seed: int, work: Path, method: str | None, end_factor: float) -> dict:
-    from sts_profile.recipe import Phases, evaluate_run, train_two_stages
+    from sts_profile.recipe import Phases, evaluate_run, recipe_data, train_two_stages
     from sts_train.adapters import model_parts
-    from sts_train.factory import build_model, get_size
+    from sts_train.factory import build_model
     from sts_train.flops import LayerDims
     from sts_train.schedule import Schedule, dump_schedule
-    from sts_train.shapes import generate_shapes
 
     stored = result["per_seed"][str(seed)]
     cfg, _ = stored_config(result, seed)
     phases, home = Phases(), work / f"seed{seed}"
-    data = phases.run("data", generate_shapes, home / "data", n_alignment=cfg.n_alignment,
-                      n_instruction=cfg.n_instruction, n_eval=cfg.n_eval,
-                      image_size_px=get_size(cfg.size).image_size_px, seed=seed)
+    data = phases.run("data", recipe_data, cfg, home / "data")
     parts = model_parts(build_model(cfg.size, seed=seed))
     profile = Schedule.from_dict({"schema_version": 1, "source": {}, "stages": stored["profile"]["schedule"]})
     facts, stages, changes = {}, [], {}

@@ -170,12 +170,10 @@ def matched_schedules(profile, dense: dict, facts: dict) -> dict:
 def run_seed(args, seed: int, work: Path) -> dict:
     """Dense, analysis, three sparse arms and the dense evaluations of one seed."""
     from sts_profile.analysis import AnalyzeConfig, run_analysis
-    from sts_profile.recipe import Phases, RecipeConfig, evaluate_run, test_size, train_two_stages
-    from sts_train.factory import get_size
+    from sts_profile.recipe import Phases, RecipeConfig, evaluate_run, recipe_data, test_size, train_two_stages
     from sts_train.evaluate import paired_difference
     from sts_train.flops import LayerDims
     from sts_train.schedule import dump_schedule, load_schedule
-    from sts_train.shapes import generate_shapes
 
     cfg = RecipeConfig(size=args.size, seed=seed, target_speedup=args.target_speedup)
     cfg = test_size(cfg) if args.size == "test" else replace(cfg, **PRESETS.get(args.size, {}))
@@ -183,9 +181,7 @@ def run_seed(args, seed: int, work: Path) -> dict:
                                ("instruction_steps", args.instruction_steps)) if v is not None}
     cfg = replace(cfg, **steps)
     phases, home = Phases(), work / f"seed{seed}"
-    data = phases.run("data", generate_shapes, home / "data", n_alignment=cfg.n_alignment,
-                      n_instruction=cfg.n_instruction, n_eval=cfg.n_eval,
-                      image_size_px=get_size(cfg.size).image_size_px, seed=seed)
+    data = phases.run("data", recipe_data, cfg, home / "data")
     load = {"dense": os.getloadavg()[0]}  # shared machine: contention shows in wall times
     summaries = {"dense": train_two_stages(cfg, data, home / "dense", phases, "dense")}
     analysis = phases.run("analyze", run_analysis, AnalyzeConfig(  # as the recipe calls it

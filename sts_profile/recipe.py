@@ -109,6 +109,16 @@ def train_two_stages(cfg: RecipeConfig, data: dict, out: Path, phases: Phases, l
     return summaries
 
 
+def recipe_data(cfg: RecipeConfig, folder: Path) -> dict:
+    """Write the shapes data set the recipe trains and evaluates on (``cfg``'s counts, its
+    size's image side and its seed) into ``folder``; returns its paths."""
+    from sts_train.factory import get_size
+    from sts_train.shapes import generate_shapes
+
+    return generate_shapes(folder, n_alignment=cfg.n_alignment, n_instruction=cfg.n_instruction,
+                           n_eval=cfg.n_eval, image_size_px=get_size(cfg.size).image_size_px, seed=cfg.seed)
+
+
 def final_checkpoint(run_dir: Path) -> Path:
     from sts_train.modelio import latest_checkpoint
 
@@ -227,8 +237,6 @@ def run_recipe(cfg: RecipeConfig) -> dict:
     """
     from sts_profile.analysis import AnalyzeConfig, run_analysis
     from sts_profile.compare_report import write_comparison
-    from sts_train.shapes import generate_shapes
-    from sts_train.factory import get_size
 
     check_recipe(cfg)
     work, out = Path(cfg.work), Path(cfg.out)
@@ -237,11 +245,8 @@ def run_recipe(cfg: RecipeConfig) -> dict:
             shutil.rmtree(work)
         except OSError as exc:
             raise StsError(f"{work}: cannot remove the earlier run ({exc.strerror or exc}); remove it by hand") from None
-    spec = get_size(cfg.size)
     phases = Phases()
-    data = phases.run("data", generate_shapes, work / "data", n_alignment=cfg.n_alignment,
-                      n_instruction=cfg.n_instruction, n_eval=cfg.n_eval, image_size_px=spec.image_size_px,
-                      seed=cfg.seed)
+    data = phases.run("data", recipe_data, cfg, work / "data")
     dense = train_two_stages(cfg, data, work / "dense", phases, "dense")
     analysis = phases.run("analyze", run_analysis, AnalyzeConfig(
         ckpt_dir=str(work / "dense"), out_dir=str(work / "analysis"),
@@ -272,4 +277,5 @@ def test_size(cfg: RecipeConfig) -> RecipeConfig:
                    instruction_steps=8, batch_size=4, checkpoints_per_stage=2, profile_samples=4)
 
 
-__all__ = ["RecipeConfig", "check_recipe", "run_recipe", "train_two_stages", "evaluate_run", "compare", "prior_baseline", "test_size"]
+__all__ = ["RecipeConfig", "check_recipe", "run_recipe", "recipe_data", "train_two_stages", "evaluate_run", "compare",
+           "prior_baseline", "test_size"]

@@ -287,6 +287,12 @@ def generate_shapes(out_dir: str | Path, *, n_alignment: int = 200, n_instructio
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    paths = {"images": given / "images", "info": given / "dataset_info.json"}
-    paths.update({name: given / f"{name}.json" for name, *_ in _SPLITS})
+    return dataset_paths(given)
+
+
+def dataset_paths(folder: str | Path) -> dict[str, Path]:
+    """The paths :func:`generate_shapes` returns, for a data set it wrote into ``folder``."""
+    folder = Path(folder)
+    paths = {"images": folder / "images", "info": folder / "dataset_info.json"}
+    paths.update({name: folder / f"{name}.json" for name, *_ in _SPLITS})
     return paths
