@@ -400,7 +400,6 @@ def _refuse_unsupported_launch(skips_layers: bool) -> None:
 
 def build_training_args(config: RunConfig, find_unused: bool) -> TrainingArguments:
     t = config.training
-    eval_steps = t.eval_steps if config.data.eval_json else None  # (train() refuses eval_steps without it)
     return TrainingArguments(
         output_dir=str(config.output_path),
         max_steps=t.max_steps,
@@ -417,8 +416,8 @@ def build_training_args(config: RunConfig, find_unused: bool) -> TrainingArgumen
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
-        eval_strategy="steps" if eval_steps else "no",
-        eval_steps=eval_steps,
+        eval_strategy="steps" if t.eval_steps else "no",  # train() refuses eval_steps without eval_json
+        eval_steps=t.eval_steps,
         seed=t.seed,
         data_seed=t.seed,
         activation_checkpointing=t.gradient_checkpointing,
